@@ -80,6 +80,7 @@ class _Rules:
         self.modules = dict(self.gm.named_modules())
         self.ignore = ignore
         self.reads: dict[str, Any] = {}  # non-tensor node -> slots whose size it depends on
+        self.derived: set[str] = set()  # reads that went through arithmetic
 
     # -- slot shortcuts ----------------------------------------------------
     def V(self, node, path=()):
@@ -146,6 +147,7 @@ class _Rules:
                 return True
             if deps:
                 self.reads[node.name] = deps
+                self.derived.add(node.name)
             return True
         return False
 
@@ -158,8 +160,13 @@ class _Rules:
         allowed = set(id(a) for a in allowed_positions)
         for a in node.all_input_nodes:
             r = self.reads.get(a.name)
-            if r and id(a) not in allowed:
+            if not r:
+                continue
+            if id(a) not in allowed:
                 self.freeze_reads(set(r), node, "the model uses this dimension's size in arithmetic")
+            elif a.name in self.derived:
+                # a size computed from another (C // heads): after pruning it would be stale
+                self.freeze_reads(set(r), node, "the model computes a reshape size from this dimension")
 
     # -- main loop ---------------------------------------------------------
     def run(self):

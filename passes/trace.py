@@ -66,7 +66,7 @@ class _LeafTracer(torch.fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
-        self.module_stack: list[str] = []
+        self._oba_stack: list[str] = []
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -75,9 +75,9 @@ class _LeafTracer(torch.fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
-        self.module_stack.append(qualname)
+        self._oba_stack.append(qualname)
         out = super().call_module(m, forward, args, kwargs)
-        self.module_stack.pop()
+        self._oba_stack.pop()
         return out
 
 
@@ -221,7 +221,7 @@ def trace_module(
         graph = tracer.trace(private)
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
         where = _user_frame(sys.exc_info()[2])
-        inside = tracer.module_stack[-1] if tracer.module_stack else None
+        inside = tracer._oba_stack[-1] if tracer._oba_stack else None
         hint = (
             f"pass leaf_modules=['{inside}'] (or its type {type(private.get_submodule(inside)).__name__}) "
             "to treat that submodule as an opaque call"

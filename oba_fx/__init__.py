@@ -1,0 +1,17 @@
+"""oba_fx: Optimal Brain Apoptosis as a torch.fx compiler pass.
+
+Public API:
+    trace(model, example_inputs, leaf_modules=(), ignore=()) -> Graph
+    Graph.groups, Graph.prune({group_id: [indices]}) -> torch.nn.Module
+    count(model, example_inputs) -> (flops, params)
+"""
+from passes.dependency import Group, Member, UnknownOpWarning
+from passes.rewrite import RewriteError
+from passes.trace import TraceFailure
+
+from .counting import count
+from .graph import Graph, trace
+
+__version__ = "0.1.0"
+
+__all__ = ["trace", "Graph", "Group", "Member", "count", "TraceFailure", "RewriteError", "UnknownOpWarning"]

@@ -1,0 +1,390 @@
+"""Pass 4: emit the slimmed graph.
+
+Given ``{group_id: channels to remove}``, the coupling result tells which
+position of every slot vanishes.  The rewrite then
+
+1. slices every parameter and buffer along every shrinking dim -- with
+   torch-pruning's per-layer functions for Conv, depthwise Conv, Linear and
+   BatchNorm, and ``index_select`` for everything else;
+2. syncs module attributes to the new shapes (in/out channels, groups,
+   num_features, num_groups, normalized_shape, embedding_dim, ...) and swaps
+   ``nn.MultiheadAttention`` for ``SlimMultiheadAttention`` when heads or head
+   dims shrink;
+3. rewrites graph constants that spell sizes: literal reshape/view/expand
+   sizes, ``split`` sections, ``F.layer_norm`` shapes, and the implicit SDPA
+   scale (kept at its original value);
+4. re-runs the new graph on the example inputs and checks every tensor's
+   shape against the prediction.  A mismatch raises; a silently wrong model
+   is never returned.
+
+The traced module is never modified: the rewrite works on a deep copy.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+import torch_pruning as tp
+
+from .attention import SlimMultiheadAttention
+from .dependency import CouplingResult
+from .coupling_rules import _tensor_paths as _tensor_paths_of
+from .trace import TracedGraph, _Recorder
+
+__all__ = ["RewriteError", "validate_removal", "rewrite"]
+
+
+class RewriteError(RuntimeError):
+    """The rewritten graph does not have the predicted shapes (an analysis bug): nothing is returned."""
+
+
+def validate_removal(result: CouplingResult, removal: Mapping, allow_empty: bool = False) -> dict[int, np.ndarray]:
+    """Check a ``{group_id: channels}`` request and normalise it to sorted int arrays.
+
+    Raises:
+        ValueError: naming the problem -- not a mapping, nothing to remove,
+            unknown group id, frozen group, out-of-range or repeated channel,
+            or a group emptied without ``allow_empty=True``.
+    """
+    if not isinstance(removal, Mapping):
+        raise ValueError(
+            f"prune() expects a dict {{group_id: [channel indices]}}, got {type(removal).__name__}; "
+            "see graph.groups for ids and sizes"
+        )
+    by_id = {g.id: g for g in result.groups}
+    out: dict[int, np.ndarray] = {}
+    for gid, channels in removal.items():
+        if isinstance(gid, bool) or not isinstance(gid, (int, np.integer)):
+            raise ValueError(f"group ids are ints (see graph.groups), got {gid!r}")
+        g = by_id.get(int(gid))
+        if g is None:
+            raise ValueError(f"no group with id {gid}: valid ids are 0..{len(result.groups) - 1} (see graph.groups)")
+        if isinstance(channels, torch.Tensor):
+            channels = channels.detach().cpu().tolist()
+        elif isinstance(channels, np.ndarray):
+            channels = channels.tolist()
+        elif isinstance(channels, (int, np.integer)):
+            raise ValueError(f"group {gid}: give a list of channel indices, e.g. [{channels}], not a bare int")
+        idx = list(channels)
+        if not idx:
+            continue
+        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if bad:
+            raise ValueError(f"group {gid}: channel indices must be ints, got {bad[:5]}")
+        if not g.prunable:
+            raise ValueError(f"group {gid} ({g.label}) is frozen and cannot be pruned: {g.reason}")
+        arr = np.asarray(idx, dtype=np.int64)
+        out_of_range = arr[(arr < 0) | (arr >= g.size)]
+        if out_of_range.size:
+            raise ValueError(
+                f"group {gid} ({g.label}) has {g.size} channels (valid indices 0..{g.size - 1}); "
+                f"got out-of-range indices {out_of_range[:10].tolist()}"
+            )
+        uniq, counts = np.unique(arr, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"group {gid}: channel indices repeat: {uniq[counts > 1][:10].tolist()}")
+        if uniq.size == g.size and not allow_empty:
+            raise ValueError(
+                f"group {gid} ({g.label}): removing all {g.size} channels would delete the layer; "
+                "keep at least one, or pass allow_empty=True"
+            )
+        out[int(gid)] = uniq
+    if not out:
+        raise ValueError(
+            "empty removal set: nothing to prune. Pass {group_id: [channel indices]} for at least one prunable "
+            "group (see [g for g in graph.groups if g.prunable])"
+        )
+    return out
+
+
+def _get(module: nn.Module, qualname: str):
+    owner, _, attr = qualname.rpartition(".")
+    return module.get_submodule(owner), attr
+
+
+def _set_tensor(owner: nn.Module, attr: str, new: torch.Tensor, old: torch.Tensor) -> None:
+    if attr in owner._parameters:
+        p = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        owner._parameters[attr] = p
+    elif attr in owner._buffers:
+        owner._buffers[attr] = new.contiguous()
+    else:
+        raise RewriteError(f"{attr} of {type(owner).__name__} is neither a parameter nor a buffer")
+
+
+def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow_empty: bool = False,
+            check: bool = True) -> torch.fx.GraphModule:
+    """Return a new GraphModule with ``removal`` applied (see module docstring)."""
+    req = validate_removal(result, removal, allow_empty=allow_empty)
+    c = result.coupling
+    mask = result.removed_positions(req)
+
+    def removed(sid: int) -> np.ndarray:
+        o = c.offsets[sid]
+        return np.nonzero(mask[o : o + c.size(sid)])[0]
+
+    def new_size(sid: int) -> int:
+        o = c.offsets[sid]
+        return int(c.size(sid) - mask[o : o + c.size(sid)].sum())
+
+    gm = copy.deepcopy(traced.gm)
+    modules = dict(gm.named_modules())
+
+    # -- 1. tensors: {qualname: {dim: removed indices}} ----------------------
+    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    virtual: dict[str, int] = {}
+    for sid, s in enumerate(c.slots):
+        if s.kind == "param":
+            r = removed(sid)
+            if r.size:
+                cuts[s.ref][s.dim] = r
+        elif s.kind == "virtual":
+            virtual[s.ref] = new_size(sid)
+
+    done: set[str] = set()
+    mha_nodes = [n for n in gm.graph.nodes if c.node_notes.get(n.name, {}).get("replace") == "mha"]
+    mha_names = {n.target for n in mha_nodes}
+    for mname, m in list(modules.items()):
+        if mname in mha_names:
+            continue  # replaced below
+        prefix = f"{mname}." if mname else ""
+        w_cut = cuts.get(prefix + "weight", {})
+        b_cut = cuts.get(prefix + "bias", {})
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            if m.groups == 1:
+                if 0 in w_cut:
+                    tp.prune_conv_out_channels(m, w_cut[0].tolist())
+                if 1 in w_cut:
+                    tp.prune_conv_in_channels(m, w_cut[1].tolist())
+            elif depthwise and 0 in w_cut:
+                tp.prune_depthwise_conv_out_channels(m, w_cut[0].tolist())
+            else:
+                continue  # grouped conv: generic slicing, attributes synced from shapes below
+            if m.bias is not None:
+                _check_same(b_cut.get(0), w_cut.get(0), prefix + "bias")
+            done.update({prefix + "weight", prefix + "bias"})
+        elif isinstance(m, nn.Linear):
+            if 0 in w_cut:
+                tp.prune_linear_out_channels(m, w_cut[0].tolist())
+            if 1 in w_cut:
+                tp.prune_linear_in_channels(m, w_cut[1].tolist())
+            if m.bias is not None:
+                _check_same(b_cut.get(0), w_cut.get(0), prefix + "bias")
+            done.update({prefix + "weight", prefix + "bias"})
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and (w_cut or cuts.get(prefix + "running_mean")):
+            r = (w_cut.get(0) if w_cut else cuts[prefix + "running_mean"][0])
+            for other in ("bias", "running_mean", "running_var"):
+                if getattr(m, other, None) is not None:
+                    _check_same(cuts.get(prefix + other, {}).get(0), r, prefix + other)
+            tp.prune_batchnorm_out_channels(m, r.tolist())
+            done.update({prefix + t for t in ("weight", "bias", "running_mean", "running_var")})
+
+    # generic slicing for every other tensor (attention, get_attr tensors, norms, embeddings...)
+    for qualname, dims in cuts.items():
+        if qualname in done:
+            continue
+        owner, attr = _get(gm, qualname)
+        t = getattr(owner, attr)
+        new = t.detach()
+        for d, r in sorted(dims.items()):
+            keep = np.setdiff1d(np.arange(new.shape[d]), r)
+            new = new.index_select(d, torch.as_tensor(keep, dtype=torch.long, device=new.device))
+        _set_tensor(owner, attr, new, t)
+
+    # -- 2. module attributes, and attention replacement -------------------
+    for node in mha_nodes:
+        _replace_mha(gm, node.target, virtual)
+    modules = dict(gm.named_modules())
+    pred = _Predictor(c, new_size)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in mha_names:
+            _sync_attributes(modules[node.target], node, pred, virtual)
+
+    # -- 3. graph constants --------------------------------------------------
+    for node in gm.graph.nodes:
+        notes = c.node_notes.get(node.name, {})
+        if notes.get("reshape"):
+            _rewrite_sizes(node, pred)
+        if "split" in notes:
+            _rewrite_split(node, notes["split"], pred)
+        if "layer_norm_shape" in notes:
+            k = notes["layer_norm_shape"]
+            x = pred.shape(node.args[0])
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+            if not isinstance(shape, torch.fx.Node) and not _has_node(shape):
+                _set_arg(node, 1, "normalized_shape", list(x[len(x) - k :]))
+        if "sdpa_scale" in notes:
+            q = node.args[0] if node.args else node.kwargs["query"]
+            if pred.shape(q)[-1] != pred.orig(q)[-1]:
+                node.kwargs = {**node.kwargs, "scale": notes["sdpa_scale"]}
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(traced.source_training)
+    if check:
+        verify_shapes(gm, traced, pred)
+    return gm
+
+
+def _has_node(x) -> bool:
+    found = []
+    torch.fx.node.map_arg(x, lambda n: found.append(n))
+    return bool(found)
+
+
+def _check_same(a, b, name):
+    a = np.zeros(0, np.int64) if a is None else a
+    b = np.zeros(0, np.int64) if b is None else b
+    if not np.array_equal(a, b):
+        raise RewriteError(f"{name}: coupled slices disagree ({a.size} vs {b.size} removed)")
+
+
+class _Predictor:
+    """Predicted post-rewrite shapes of the original graph's node values."""
+
+    def __init__(self, c, new_size):
+        self.c, self.new_size = c, new_size
+
+    def shape(self, node, path=()) -> tuple[int, ...]:
+        out = []
+        for d in range(len(self.orig(node, path))):
+            sid = self.c._index.get(("value", node.name, tuple(path), d))
+            if sid is None:
+                raise RewriteError(f"no coupling slot for dim {d} of node '{node.name}'")
+            out.append(self.new_size(sid))
+        return tuple(out)
+
+    def orig(self, node, path=()) -> tuple[int, ...]:
+        spec = self.c.traced.node(node.name).meta["spec"]
+        for p in path:
+            spec = spec[p]
+        return tuple(spec.shape)
+
+
+def _replace_mha(gm, qualname: str, virtual: dict[str, int]) -> None:
+    m = gm.get_submodule(qualname)
+    H = virtual[f"{qualname}.num_heads"]
+    dqk = virtual[f"{qualname}.qk_head_dim"]
+    dv = virtual[f"{qualname}.v_head_dim"]
+    E_in = m.in_proj_weight.shape[1]
+    E_out = m.out_proj.weight.shape[0]
+    if (H, dqk, dv, E_in, E_out) == (m.num_heads, m.head_dim, m.head_dim, m.embed_dim, m.embed_dim):
+        return  # unchanged: keep the original module
+    slim = SlimMultiheadAttention.from_tensors(
+        m, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias, H, dqk, dv
+    )
+    parent, _, attr = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent), attr, slim)
+
+
+def _sync_attributes(m: nn.Module, node: torch.fx.Node, pred: _Predictor, virtual: dict[str, int]) -> None:
+    """Make a module's size attributes agree with its (already sliced) tensors and predicted shapes."""
+    name = node.target
+    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+        k = m.weight.ndim - 2
+        x, y = pred.shape(node.args[0]), pred.shape(node)
+        cin, cout = x[len(x) - k - 1], y[len(y) - k - 1]
+        groups = virtual.get(f"{name}.groups", m.groups)
+        m.in_channels, m.out_channels, m.groups = cin, cout, groups
+    elif isinstance(m, nn.Linear):
+        m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
+    elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        x = pred.shape(node.args[0])
+        if len(x) > 1:
+            m.num_features = x[1]
+    elif isinstance(m, nn.GroupNorm):
+        m.num_channels = pred.shape(node.args[0])[1]
+        m.num_groups = virtual.get(f"{name}.num_groups", m.num_groups)
+    elif isinstance(m, nn.LayerNorm):
+        x = pred.shape(node.args[0])
+        m.normalized_shape = tuple(x[len(x) - len(m.normalized_shape) :])
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.numel()
+    elif isinstance(m, nn.Embedding):
+        m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _set_arg(node, pos: int, name: str, value) -> None:
+    if len(node.args) > pos:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _rewrite_sizes(node: torch.fx.Node, pred: _Predictor) -> None:
+    """Literal sizes in view/reshape/expand/unflatten follow the predicted output shape."""
+    out, orig = pred.shape(node), pred.orig(node)
+    if out == orig:
+        return
+    t = node.target
+    if t in ("unflatten", torch.unflatten):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
+        d = dim % len(pred.orig(node.args[0]))
+        new = [out[d + i] if isinstance(v, int) and v != -1 else v for i, v in enumerate(sizes)]
+        _set_arg(node, 2, "sizes", tuple(new))
+        return
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            seq = node.kwargs[key]
+            node.kwargs = {**node.kwargs, key: tuple(_fix_seq(seq, out, orig))}
+            return
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+        node.args = (node.args[0], tuple(_fix_seq(node.args[1], out, orig)))
+    else:
+        node.args = (node.args[0], *_fix_seq(node.args[1:], out, orig))
+
+
+def _fix_seq(seq, out, orig) -> list:
+    seq = list(seq)
+    if len(seq) != len(out):
+        raise RewriteError(f"size arguments {seq} do not match the output rank {len(out)}")
+    new = []
+    for v, n, o in zip(seq, out, orig):
+        if isinstance(v, int) and v != -1 and n != o:
+            new.append(n)
+        else:
+            new.append(v)
+    return new
+
+
+def _rewrite_split(node: torch.fx.Node, dim: int, pred: _Predictor) -> None:
+    paths = _tensor_paths_of(pred.c.traced.node(node.name).meta["spec"])
+    new = [pred.shape(node, p)[dim] for p in paths]
+    old = [pred.orig(node, p)[dim] for p in paths]
+    if new != old:
+        _set_arg(node, 1, "split_size_or_sections" if node.op == "call_function" else "split_size", new)
+
+
+def verify_shapes(gm: torch.fx.GraphModule, traced: TracedGraph, pred: _Predictor) -> None:
+    """Run the rewritten graph and compare every tensor's shape with the prediction."""
+    with torch.no_grad():
+        was = gm.training
+        gm.eval()
+        try:
+            _Recorder(gm).run(*traced.example_inputs)
+        except Exception as err:  # noqa: BLE001
+            raise RewriteError(f"the slimmed graph fails on the example inputs: {type(err).__name__}: {err}") from err
+        finally:
+            gm.train(was)
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        spec = node.meta.get("spec")
+        for path in _tensor_paths_of(spec):
+            got = spec
+            for p in path:
+                got = got[p]
+            want = pred.shape(node, path)
+            if tuple(got.shape) != want:
+                raise RewriteError(
+                    f"node '{node.name}' has shape {tuple(got.shape)} after the rewrite, predicted {want}; "
+                    "this is an oba_fx bug, please report it with the model"
+                )
