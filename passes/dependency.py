@@ -437,6 +437,12 @@ def _assemble(c, comps, comp_closure, comp_positions, slot_of_pos, comp_reason, 
         reason = "a single channel: at least one must remain"
     fs = c.slots[first_slot]
     label = f"{fs.ref}{list(fs.path) if fs.path else ''}[dim {fs.dim}]"
+    for role in ("producer", "head", "norm", "embedding", "consumer"):
+        m = next((m for m in members if m.role == role), None)
+        if m is not None:
+            kind = {"producer": "out", "consumer": "in"}.get(role, role)
+            label = f"{m.name}[dim {m.dim}] ({kind}; first seen at {label})"
+            break
     g = Group(id=-1, size=size, members=members, prunable=not reason, reason=reason, label=label)
     g._components = np.asarray(comps, dtype=np.int64)
     g._sort_key = (first_slot, int(comp_positions(comps[0]).min()))
