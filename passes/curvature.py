@@ -1,0 +1,413 @@
+"""Curvature engine: exact gradient and Hessian-vector products of the mean loss.
+
+For the mean loss L(θ) over a calibration set and a direction δ (by default
+δ = −θ on the scored parameters) one streaming pass computes, exactly:
+
+* ``g``  = ∇L
+* ``H``  = Hδ                 full Hessian times δ
+* ``G``  = Gδ = Jᵀ∇²ℓ Jδ      Gauss-Newton part
+* ``F``  = Fδ = Hδ − Gδ       network-curvature part (the paper's graph walk)
+* ``T3`` = ∇³L[δ, δ]           the third-order directional derivative (FastOBA's k = 3)
+
+How.  The forward pass runs on dual numbers θ + εδ (``torch.autograd.forward_ad``),
+which gives the output f and its tangent Jδ.  At the output, c = ∂ℓ/∂f and
+u = ∇²ℓ·Jδ are cheap.  The backward pass through the dual graph with output
+cotangent (c, ċ) returns the dual number (Jᵀc, Jᵀċ + J̇ᵀc): with ċ = u its tangent
+is Hδ, with ċ = 0 it is Fδ = J̇ᵀc directly, and the primal is g either way.  Gδ
+is a plain vector-Jacobian product with cotangent u.  This is
+forward-over-reverse: one dual forward and one dual backward per quantity.
+
+Ops without forward-mode AD fall back to double backward (Pearlmutter's trick
+with ``create_graph``), and the third-order term uses triple backward.  Batches
+are weighted by size, so streaming equals the full-data computation; sums are
+accumulated in float64.  The model runs in eval mode (restored afterwards), with
+the math SDPA kernel, and its buffers are checked to be bit-identical afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+__all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES"]
+
+QUANTITIES = ("g", "H", "G", "F", "T3")
+
+
+class CalibrationError(ValueError):
+    """The calibration data or the loss cannot be used for scoring."""
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; targets are class indices or class probabilities."""
+    return F.cross_entropy(outputs, targets)
+
+
+@dataclass
+class Curvature:
+    """Products accumulated over the calibration data (mean loss).
+
+    Each of ``g, H, G, F, T3`` is ``{param name: float64 tensor}`` or None if
+    not requested.  ``H, G, F, T3`` are applied to ``direction``.
+    """
+
+    names: list[str]
+    direction: dict[str, torch.Tensor]
+    n_samples: int = 0
+    loss: float = 0.0
+    g: dict[str, torch.Tensor] | None = None
+    H: dict[str, torch.Tensor] | None = None
+    G: dict[str, torch.Tensor] | None = None
+    F: dict[str, torch.Tensor] | None = None
+    T3: dict[str, torch.Tensor] | None = None
+    backend: str = "forward-over-reverse"
+    batches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_batch(batch: Any, index: int) -> tuple[tuple, Any]:
+    """(inputs tuple, targets) from one calibration item."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CalibrationError(
+            f"calibration batch {index} is a {type(batch).__name__}; each item must be an (inputs, targets) pair, "
+            "e.g. a DataLoader over a TensorDataset(x, y)"
+        )
+    inputs, targets = batch
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return inputs, targets
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _check_targets(out: torch.Tensor, targets: Any, index: int) -> None:
+    """Targets for the default cross-entropy must fit the output."""
+    if not isinstance(targets, torch.Tensor):
+        raise CalibrationError(f"batch {index}: targets must be a tensor, got {type(targets).__name__}")
+    if out.ndim < 2:
+        raise CalibrationError(
+            f"batch {index}: the model output has shape {tuple(out.shape)}; cross-entropy needs (batch, classes, ...). "
+            "Pass loss_fn= for other outputs"
+        )
+    C = out.shape[1]
+    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        want = (out.shape[0],) + tuple(out.shape[2:])
+        if tuple(targets.shape) != want:
+            raise CalibrationError(
+                f"batch {index}: class-index targets have shape {tuple(targets.shape)} but the output "
+                f"{tuple(out.shape)} needs targets of shape {want}"
+            )
+        if targets.numel() and (targets.min() < 0 or targets.max() >= C):
+            raise CalibrationError(
+                f"batch {index}: target classes must lie in [0, {C - 1}] for an output with {C} classes; "
+                f"got values in [{int(targets.min())}, {int(targets.max())}]"
+            )
+    elif targets.is_floating_point():
+        if targets.shape != out.shape:
+            raise CalibrationError(
+                f"batch {index}: probability targets have shape {tuple(targets.shape)}, the output {tuple(out.shape)}; "
+                "give class indices (int64) or probabilities of the output's shape"
+            )
+    else:
+        raise CalibrationError(f"batch {index}: targets of dtype {targets.dtype} are not supported by cross-entropy")
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module):
+    """Eval mode, math SDPA; restores the mode and checks buffers are unchanged."""
+    was = model.training
+    snapshot = {k: v.detach().clone() for k, v in model.named_buffers()}
+    model.eval()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # older torch
+        ctx = contextlib.nullcontext()
+    try:
+        with ctx:
+            yield
+    finally:
+        model.train(was)
+    for k, v in model.named_buffers():
+        if k not in snapshot or not torch.equal(v, snapshot[k]):
+            raise RuntimeError(f"oba_fx bug: buffer {k} changed during scoring")
+
+
+def _resolve_params(model: nn.Module, params: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    all_params = dict(model.named_parameters())
+    if params is None:
+        return {n: p for n, p in all_params.items() if p.requires_grad and p.is_floating_point()}
+    missing = [n for n in params if n not in all_params]
+    if missing:
+        raise ValueError(f"params names no parameter of the model: {missing[:5]}; see model.named_parameters()")
+    return {n: all_params[n] for n in params}
+
+
+def curvature(
+    model: nn.Module,
+    calibration: Iterable,
+    want: Iterable[str] = ("g", "H"),
+    direction: dict[str, torch.Tensor] | None = None,
+    loss_fn: Callable | None = None,
+    params: Sequence[str] | None = None,
+    progress: bool = True,
+    backend: str = "auto",
+) -> Curvature:
+    """One pass over ``calibration`` computing the requested products.
+
+    Args:
+        model: the network; it is not modified (parameters are replaced by
+            dual numbers through ``torch.func.functional_call``).
+        calibration: iterable of ``(inputs, targets)``; a DataLoader works.
+        want: subset of ``("g", "H", "G", "F", "T3")``.
+        direction: ``{param name: tensor}``; default δ = −θ on the scored params.
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss``; default cross-entropy.
+        params: names of scored parameters; default every floating parameter
+            with ``requires_grad``.
+        progress: show a tqdm bar.
+        backend: "auto" (forward-over-reverse, double backward where an op has
+            no forward AD), "fwad" or "double-backward".
+
+    Raises:
+        CalibrationError: empty data, malformed batches, targets that do not fit
+            the output, or a non-finite loss/gradient (naming the batch).
+    """
+    want = tuple(dict.fromkeys(want))
+    bad = [w for w in want if w not in QUANTITIES]
+    if bad:
+        raise ValueError(f"unknown quantity {bad}; choose from {QUANTITIES}")
+    if backend not in ("auto", "fwad", "double-backward"):
+        raise ValueError(f"backend must be 'auto', 'fwad' or 'double-backward', got {backend!r}")
+    scored = _resolve_params(model, params)
+    if not scored:
+        raise ValueError("no parameters to score: the model has no floating parameters with requires_grad")
+    names = list(scored)
+    if direction is None:
+        direction = {n: -p.detach() for n, p in scored.items()}
+    else:
+        wrong = [n for n in names if n not in direction or direction[n].shape != scored[n].shape]
+        if wrong:
+            raise ValueError(f"direction must give a tensor of the parameter's shape for {wrong[:5]}")
+    user_loss = loss_fn is not None
+    loss_fn = loss_fn or default_loss
+    acc: dict[str, dict[str, torch.Tensor]] = {
+        q: {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in scored.items()} for q in want
+    }
+    res = Curvature(names=names, direction=direction)
+    device = next(iter(scored.values())).device
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    it = calibration
+    if progress and tqdm is not None:
+        total = len(calibration) if hasattr(calibration, "__len__") else None
+        it = tqdm(calibration, total=total, desc=f"curvature {'+'.join(want)}", leave=False)
+    total_loss = 0.0
+    use = backend
+    with scoring_mode(model), torch.enable_grad():
+        for bi, batch in enumerate(it):
+            inputs, targets = split_batch(batch, bi)
+            inputs, targets = _to(inputs, device), _to(targets, device)
+            n = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim else 1
+            if use in ("auto", "fwad"):
+                try:
+                    out = _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi)
+                    use = "fwad"
+                except NotImplementedError as err:
+                    if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
+                        raise
+                    use = "double-backward"
+                    res.extra["fallback_reason"] = str(err).splitlines()[0]
+            if use == "double-backward":
+                out = _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi)
+            loss_value, results = out
+            total_loss += n * loss_value
+            for q, vals in results.items():
+                for name, v in vals.items():
+                    acc[q][name].add_(v.to(torch.float64), alpha=n)
+            res.n_samples += n
+            res.batches += 1
+    if res.n_samples == 0:
+        raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
+    for q in want:
+        for name in names:
+            acc[q][name].div_(res.n_samples)
+        setattr(res, q, acc[q])
+    res.loss = total_loss / res.n_samples
+    res.backend = "forward-over-reverse" if use == "fwad" else "double-backward"
+    return res
+
+
+def _loss_at_output(out_p, targets, loss_fn, user_loss, bi):
+    if not user_loss:
+        _check_targets(out_p, targets, bi)
+    try:
+        loss = loss_fn(out_p, targets)
+    except Exception as err:  # noqa: BLE001
+        raise CalibrationError(
+            f"batch {bi}: loss_fn(outputs {tuple(out_p.shape)}, targets "
+            f"{tuple(getattr(targets, 'shape', ()))}) failed: {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise CalibrationError(f"batch {bi}: loss_fn must return a scalar mean loss, got {type(loss).__name__}")
+    if not torch.isfinite(loss):
+        raise CalibrationError(f"batch {bi}: the loss is {loss.item()}; check the inputs and the model for NaN/inf")
+    return loss
+
+
+def _check_finite(vals: dict[str, torch.Tensor], what: str, bi: int) -> None:
+    for name, v in vals.items():
+        if not torch.isfinite(v).all():
+            raise CalibrationError(f"batch {bi}: {what} of {name} is not finite (NaN or inf)")
+
+
+def _output_tensor(out, bi):
+    if not isinstance(out, torch.Tensor):
+        raise CalibrationError(f"batch {bi}: the model returned {type(out).__name__}; scoring needs a single tensor "
+                               "output (wrap the model to return the logits)")
+    return out
+
+
+def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi):
+    names = list(scored)
+    leaves = [scored[n].detach().requires_grad_(True) for n in names]
+    if "T3" in want:
+        return _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn, user_loss, want, bi)
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(leaf, direction[n].to(leaf.dtype)) for leaf, n in zip(leaves, names)]
+        out = _output_tensor(functional_call(model, dict(zip(names, duals)), inputs), bi)
+        out_p, out_t = fwAD.unpack_dual(out)
+        if out_t is None:
+            out_t = torch.zeros_like(out_p)
+        o = out_p.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = _loss_at_output(o, targets, loss_fn, user_loss, bi)
+            (c,) = torch.autograd.grad(loss, o, create_graph=("H" in want or "G" in want))
+            u = None
+            if "H" in want or "G" in want:
+                (u,) = torch.autograd.grad(c, o, out_t.detach(), allow_unused=True)
+                u = torch.zeros_like(o) if u is None else u
+        c = c.detach()
+        plan = []
+        if "H" in want:
+            plan.append(("H", fwAD.make_dual(c, u.detach())))
+        if "F" in want:
+            plan.append(("F", fwAD.make_dual(c, torch.zeros_like(c))))
+        if "G" in want and "H" in want and "F" in want:
+            pass  # G = H - F below
+        elif "G" in want:
+            plan.append(("G", u.detach()))
+        if not any(q in ("H", "F") for q, _ in plan):
+            plan.append(("g", c))  # the gradient needs its own backward when neither H nor F is asked for
+        for i, (q, cot) in enumerate(plan):
+            grads = torch.autograd.grad(out, leaves, cot, retain_graph=i < len(plan) - 1, allow_unused=True)
+            prim, tang = {}, {}
+            for n, gr, leaf in zip(names, grads, leaves):
+                if gr is None:
+                    prim[n] = torch.zeros_like(leaf)
+                    tang[n] = torch.zeros_like(leaf)
+                    continue
+                p, t = fwAD.unpack_dual(gr)
+                prim[n] = p.detach()
+                tang[n] = torch.zeros_like(leaf) if t is None else t.detach()
+            if q == "G":
+                results["G"] = prim
+            else:
+                if "g" not in results:
+                    results["g"] = prim
+                if q != "g":
+                    results[q] = tang
+    if "G" in want and "G" not in results:
+        results["G"] = {n: results["H"][n] - results["F"][n] for n in names}
+    _check_finite(results["g"] if "g" in results else {}, "the gradient", bi)
+    for q in ("H", "G", "F"):
+        if q in results:
+            _check_finite(results[q], f"the {q}δ product", bi)
+    return float(loss.detach()), {q: v for q, v in results.items() if q in want}
+
+
+def _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi):
+    """Pearlmutter's trick with create_graph: for ops without forward-mode AD."""
+    names = list(scored)
+    leaves = [scored[n].detach().requires_grad_(True) for n in names]
+    if "T3" in want:
+        return _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn, user_loss, want, bi,
+                                  force_backward=True)
+    dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
+    results = {}
+    with torch.enable_grad():
+        out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+        loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
+        need_hess = any(q in want for q in ("H", "G", "F"))
+        g = torch.autograd.grad(loss, leaves, create_graph=need_hess, allow_unused=True)
+        g = [torch.zeros_like(l) if x is None else x for x, l in zip(g, leaves)]
+        results["g"] = {n: x.detach() for n, x in zip(names, g)}
+        if "H" in want or "F" in want:
+            Hd = torch.autograd.grad(g, leaves, dirs, retain_graph=True, allow_unused=True)
+            results["H"] = {n: (torch.zeros_like(l) if x is None else x.detach()) for n, x, l in zip(names, Hd, leaves)}
+        if "G" in want or "F" in want:
+            # Jδ by the double-vjp trick, then u = ∇²ℓ Jδ, then Gδ = Jᵀu
+            w = torch.zeros_like(out, requires_grad=True)
+            s = torch.autograd.grad(out, leaves, w, create_graph=True, allow_unused=True)
+            pairs = [(x, d) for x, d in zip(s, dirs) if x is not None]
+            Jd = torch.autograd.grad([x for x, _ in pairs], w, [d for _, d in pairs], retain_graph=True)[0]
+            o = out.detach().requires_grad_(True)
+            c = torch.autograd.grad(_loss_at_output(o, targets, loss_fn, user_loss, bi), o, create_graph=True)[0]
+            u = torch.autograd.grad(c, o, Jd.detach())[0]
+            Gd = torch.autograd.grad(out, leaves, u, allow_unused=True)
+            results["G"] = {n: (torch.zeros_like(l) if x is None else x.detach()) for n, x, l in zip(names, Gd, leaves)}
+        if "F" in want:
+            results["F"] = {n: results["H"][n] - results["G"][n] for n in names}
+    _check_finite(results["g"], "the gradient", bi)
+    return float(loss.detach()), {q: v for q, v in results.items() if q in want}
+
+
+def _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn, user_loss, want, bi,
+                       force_backward=False):
+    """g, Hδ and ∇³L[δ,δ] by nested differentiation (triple backward); G and F as in the first-order pass."""
+    dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
+    results = {}
+    with torch.enable_grad():
+        out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+        loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
+        g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        g = [torch.zeros_like(l) if x is None else x for x, l in zip(g, leaves)]
+        gd = sum((x * d).sum() for x, d in zip(g, dirs))
+        Hd = torch.autograd.grad(gd, leaves, create_graph=True, allow_unused=True)
+        Hd = [torch.zeros_like(l) if x is None else x for x, l in zip(Hd, leaves)]
+        hd = sum((x * d).sum() for x, d in zip(Hd, dirs))
+        T3 = torch.autograd.grad(hd, leaves, allow_unused=True) if hd.requires_grad else [None] * len(leaves)
+    results["g"] = {n: x.detach() for n, x in zip(names, g)}
+    results["H"] = {n: x.detach() for n, x in zip(names, Hd)}
+    results["T3"] = {n: (torch.zeros_like(l) if x is None else x.detach()) for n, x, l in zip(names, T3, leaves)}
+    _check_finite(results["g"], "the gradient", bi)
+    _check_finite(results["T3"], "the third-order term", bi)
+    rest = [q for q in want if q in ("G", "F")]
+    if rest:
+        scored = dict(zip(names, [l.detach() for l in leaves]))
+        fn = _batch_double_backward if force_backward else _batch_fwad
+        _, more = fn(model, scored, direction, inputs, targets, loss_fn, user_loss, tuple(rest), bi)
+        results.update(more)
+    return float(loss.detach()), {q: v for q, v in results.items() if q in want}
+
+
+def hvp(model, calibration, vector: dict[str, torch.Tensor], which: str = "H", loss_fn=None, progress=False):
+    """``{name: (which)·v}`` for which in H, G, F over the calibration data (a convenience wrapper)."""
+    res = curvature(model, calibration, want=(which,), direction=vector, loss_fn=loss_fn,
+                    params=list(vector), progress=progress)
+    return getattr(res, which)
