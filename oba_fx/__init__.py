@@ -11,7 +11,8 @@ from passes.trace import TraceFailure
 
 from .counting import count
 from .graph import Graph, trace
+from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
 
 __version__ = "0.1.0"
 
-__all__ = ["trace", "Graph", "Group", "Member", "count", "TraceFailure", "RewriteError", "UnknownOpWarning"]
+__all__ = ["trace", "Graph", "parameter_scores", "group_scores", "group_exact_scores", "rank_scores", "CRITERIA", "Group", "Member", "count", "TraceFailure", "RewriteError", "UnknownOpWarning"]

@@ -146,6 +146,50 @@ def scoring_mode(model: nn.Module):
             raise RuntimeError(f"oba_fx bug: buffer {k} changed during scoring")
 
 
+def _layer_norm_composite(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = (input - mean).pow(2).mean(dims, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _group_norm_composite(input, num_groups, weight=None, bias=None, eps=1e-5):
+    B, C = input.shape[:2]
+    x = input.reshape(B, num_groups, -1)
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    out = ((x - mean) * torch.rsqrt(var + eps)).reshape(input.shape)
+    shape = (1, C) + (1,) * (input.ndim - 2)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+@contextlib.contextmanager
+def composite_norms():
+    """Run LayerNorm/GroupNorm as composite ops (mean, var, rsqrt).
+
+    PyTorch's fused layer_norm has a hand-written double backward that is not
+    itself correctly differentiable (its third derivative is wrong by ~10% on
+    torch 2.14.1), and its vmap batching rules give asymmetric Hessians; the
+    composite form is exact to all orders.  Used for the third-order term and
+    the vmapped group-exact products.
+    """
+    saved = (F.layer_norm, F.group_norm)
+    F.layer_norm, F.group_norm = _layer_norm_composite, _group_norm_composite
+    try:
+        yield
+    finally:
+        F.layer_norm, F.group_norm = saved
+
+
 def _resolve_params(model: nn.Module, params: Sequence[str] | None) -> dict[str, torch.Tensor]:
     all_params = dict(model.named_parameters())
     if params is None:
@@ -382,7 +426,7 @@ def _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn
     """g, Hδ and ∇³L[δ,δ] by nested differentiation (triple backward); G and F as in the first-order pass."""
     dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
     results = {}
-    with torch.enable_grad():
+    with torch.enable_grad(), composite_norms():
         out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
         loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
         g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)

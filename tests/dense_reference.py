@@ -29,8 +29,25 @@ def full_data(calibration):
     return xs, ys
 
 
+def _jacobian_loop(fn, v):
+    """Jacobian of a vector function by one plain backward per output (no vmap).
+
+    torch.func's batched rules (jacrev/jacfwd/hessian use vmap) return an
+    asymmetric, wrong Hessian for the tiny attention model on torch 2.14.1,
+    while plain autograd agrees with finite differences; so the references
+    are built without vmap.
+    """
+    v = v.detach().requires_grad_(True)
+    out = fn(v).reshape(-1)
+    rows = []
+    for i in range(out.numel()):
+        (r,) = torch.autograd.grad(out[i], v, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(v) if r is None else r)
+    return torch.stack(rows)
+
+
 def dense(model, calibration, loss=F.cross_entropy, third=True):
-    """g, H, G, F and the third derivative tensor of the mean loss over all data."""
+    """g, H, G, F of the mean loss over all data (third: the vmap-based 3rd derivative tensor)."""
     model.eval()
     fl = Flat(model)
     x, y = full_data(calibration)
@@ -43,10 +60,18 @@ def dense(model, calibration, loss=F.cross_entropy, third=True):
 
     th = fl.theta
     g = torch.func.grad(L)(th)
-    H = hessian(L)(th)
-    out = out_fn(th)
-    J = jacrev(out_fn)(th).reshape(out.numel(), -1)
-    Hl = hessian(lambda o: loss(o.reshape(out.shape), y))(out.reshape(-1)).reshape(out.numel(), out.numel())
+
+    def grad_fn(v):
+        return torch.autograd.grad(L(v), v, create_graph=True)[0]
+
+    H = _jacobian_loop(grad_fn, th)
+    out = out_fn(th).detach()
+    J = _jacobian_loop(out_fn, th)
+
+    def out_grad(o):
+        return torch.autograd.grad(loss(o.reshape(out.shape), y), o, create_graph=True)[0]
+
+    Hl = _jacobian_loop(out_grad, out.reshape(-1))
     G = J.T @ Hl @ J
     T = jacfwd(jacfwd(torch.func.grad(L)))(th) if third else None
     return fl, g, H, G, T

@@ -1,0 +1,435 @@
+"""Importance criteria: per-parameter scores and per-channel coupled-group scores.
+
+Every criterion predicts, per parameter entry, its share of the loss change
+when the scored parameters are pruned, δ = −θ:
+
+==============  =================================================================
+``oba``         g⊙δ + ½ δ⊙(Hδ)            full Hessian (FastOBA, exact)
+``oba-network`` g⊙δ + ½ δ⊙(Fδ)            the paper's graph-walk quantity, exact
+``oba-gn``      g⊙δ + ½ δ⊙(Gδ)            Gauss-Newton part only
+``oba-k3``      ``oba`` + ⅙ δ⊙∇³L[δ,δ]    up to the third-order term
+``group-exact`` per channel S alone: g_Sδ_S + ½ δ_SᵀH_SSδ_S   (group_scores only)
+``magnitude``   θ²                          (group score: squared L2 norm)
+``taylor``      |g⊙δ|
+``obd``         ½ diag(H) δ²                diag(H) from Hutchinson probes
+``obd-fisher``  ½ diag(F̂) δ²                empirical Fisher, mean of per-sample g²
+                                            (Torch-Pruning's HessianImportance)
+``random``      uniform [0, 1)
+==============  =================================================================
+
+A group's per-channel score is the sum of its member slices' scores: producer
+rows, norm entries, biases, consumer columns and head slices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from passes.curvature import (CalibrationError, _check_targets, _to, composite_norms, curvature, default_loss,
+                              scoring_mode, split_batch)
+
+__all__ = ["CRITERIA", "parameter_scores", "group_scores", "rank_scores", "group_exact_scores"]
+
+CRITERIA = ("oba", "oba-network", "oba-gn", "oba-k3", "group-exact", "magnitude", "taylor", "obd", "obd-fisher",
+            "random")
+
+
+def _reiterable(calibration):
+    """A one-shot iterator is materialized once so several passes see the same data."""
+    if calibration is None:
+        raise CalibrationError("calibration is None: give an iterable of (inputs, targets) batches")
+    try:
+        it = iter(calibration)
+    except TypeError:
+        raise CalibrationError(
+            f"calibration must be an iterable of (inputs, targets) batches, got {type(calibration).__name__}"
+        ) from None
+    if it is calibration:
+        return list(calibration)
+    return calibration
+
+
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        import difflib
+
+        close = difflib.get_close_matches(criterion, CRITERIA, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown criterion '{criterion}'{hint}; choose from {', '.join(CRITERIA)}")
+
+
+def parameter_scores(
+    model: nn.Module,
+    calibration: Iterable,
+    criterion: str = "oba",
+    loss_fn: Callable | None = None,
+    *,
+    params: list[str] | None = None,
+    probes: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Per-parameter scores, same shapes as the parameters (float64).
+
+    Args:
+        model: the network (not modified; scored in eval mode).
+        calibration: iterable of ``(inputs, targets)``; the loss is the mean over all samples.
+        criterion: one of ``CRITERIA`` except ``group-exact`` (use :func:`group_scores`).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch-mean loss; default cross-entropy.
+        params: names of the scored parameters (δ = −θ on them); default all trainable ones.
+        probes: Hutchinson probes for ``obd``.
+        seed: seed for ``obd`` probes and ``random``.
+        progress: tqdm progress bars.
+    """
+    _check_criterion(criterion)
+    if criterion == "group-exact":
+        raise ValueError("group-exact scores channels of coupled groups, not parameters: use group_scores(graph, ...)")
+    named = dict(model.named_parameters())
+    names = params if params is not None else [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
+    theta = {n: named[n].detach().to(torch.float64) for n in names}
+    if criterion == "magnitude":
+        return {n: t * t for n, t in theta.items()}
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return {n: torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.device) for n, t in theta.items()}
+    calibration = _reiterable(calibration)
+    delta = {n: -t for n, t in theta.items()}
+    if criterion == "obd":
+        diag = hutchinson_diagonal(model, calibration, names, loss_fn, probes=probes, seed=seed, progress=progress)
+        return {n: 0.5 * diag[n] * delta[n] ** 2 for n in names}
+    if criterion == "obd-fisher":
+        fisher = fisher_diagonal(model, calibration, names, loss_fn, progress=progress)
+        return {n: 0.5 * fisher[n] * delta[n] ** 2 for n in names}
+    want = {"taylor": ("g",), "oba": ("g", "H"), "oba-network": ("g", "F"), "oba-gn": ("g", "G"),
+            "oba-k3": ("g", "H", "T3")}[criterion]
+    r = curvature(model, calibration, want=want, loss_fn=loss_fn, params=names, progress=progress)
+    d = {n: delta[n] for n in names}
+    if criterion == "taylor":
+        return {n: (r.g[n] * d[n]).abs() for n in names}
+    second = {"oba": r.H, "oba-network": r.F, "oba-gn": r.G, "oba-k3": r.H}[criterion]
+    out = {n: r.g[n] * d[n] + 0.5 * d[n] * second[n] for n in names}
+    if criterion == "oba-k3":
+        out = {n: out[n] + d[n] * r.T3[n] / 6.0 for n in names}
+    return out
+
+
+def hutchinson_diagonal(model, calibration, names, loss_fn=None, probes=16, seed=0, progress=True):
+    """diag(H) ≈ mean over Rademacher probes z of z⊙Hz (unbiased; one HVP pass per probe)."""
+    if probes < 1:
+        raise ValueError("probes must be >= 1")
+    named = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    acc = {n: torch.zeros(named[n].shape, dtype=torch.float64, device=named[n].device) for n in names}
+    for _ in range(probes):
+        z = {n: (torch.randint(0, 2, named[n].shape, generator=gen) * 2 - 1).to(named[n]) for n in names}
+        r = curvature(model, calibration, want=("H",), direction=z, loss_fn=loss_fn, params=names, progress=progress)
+        for n in names:
+            acc[n] += z[n].to(torch.float64) * r.H[n]
+    return {n: v / probes for n, v in acc.items()}
+
+
+def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chunk: int = 32):
+    """Empirical Fisher diagonal: mean over samples of the squared per-sample gradient."""
+    loss_fn = loss_fn or default_loss
+    named = dict(model.named_parameters())
+    acc = {n: torch.zeros(named[n].shape, dtype=torch.float64, device=named[n].device) for n in names}
+    device = named[names[0]].device
+    count = 0
+    params = {n: named[n].detach() for n in names}
+
+    def sample_loss(p, inputs, target):
+        out = functional_call(model, p, tuple(x.unsqueeze(0) for x in inputs))
+        return loss_fn(out, target.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk)
+    with scoring_mode(model):
+        for bi, batch in enumerate(calibration):
+            inputs, targets = split_batch(batch, bi)
+            inputs, targets = _to(inputs, device), _to(targets, device)
+            if loss_fn is default_loss:
+                with torch.no_grad():
+                    _check_targets(model(*inputs), targets, bi)
+            try:
+                gs = per_sample(params, inputs, targets)
+            except Exception:  # noqa: BLE001 - an op without vmap support: loop over samples
+                gs = {n: [] for n in names}
+                for i in range(targets.shape[0]):
+                    gi = grad(sample_loss)(params, tuple(x[i] for x in inputs), targets[i])
+                    for n in names:
+                        gs[n].append(gi[n])
+                gs = {n: torch.stack(v) for n, v in gs.items()}
+            for n in names:
+                if not torch.isfinite(gs[n]).all():
+                    raise CalibrationError(f"batch {bi}: per-sample gradient of {n} is not finite")
+                acc[n] += (gs[n].to(torch.float64) ** 2).sum(0)
+            count += int(targets.shape[0])
+    if count == 0:
+        raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
+    return {n: v / count for n, v in acc.items()}
+
+
+# ---------------------------------------------------------------------------
+# groups
+
+
+def _reduce_to_channels(group, per_param: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of a per-parameter score over each channel's member slices."""
+    out = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        s = per_param.get(m.name)
+        if s is None:
+            continue  # buffers and unscored tensors carry no score
+        dims = [d for d in range(s.ndim) if d != m.dim]
+        along = s.sum(dim=dims) if dims else s
+        out.index_add_(0, m.channel, along.detach().cpu()[m.index])
+    return out
+
+
+def group_scores(
+    graph,
+    calibration: Iterable,
+    criterion: str = "oba",
+    loss_fn: Callable | None = None,
+    *,
+    method: str = "auto",
+    probes: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Predicted loss change per channel of every prunable group (signed, float64).
+
+    Args:
+        graph: an ``oba_fx.Graph`` (from ``oba_fx.trace``).
+        calibration: iterable of ``(inputs, targets)``.
+        criterion: one of ``CRITERIA``.
+        loss_fn: batch-mean loss; default cross-entropy.
+        method: for ``group-exact``: "vmap" (exact, one HVP per channel),
+            "probes" (random-sign estimate, ``probes`` HVP passes in total) or
+            "auto" (vmap when the model has at most 4096 prunable channels).
+        probes: probe count for ``group-exact`` probes and ``obd``.
+
+    Returns:
+        ``{group id: tensor of shape (group.size,)}`` for every prunable group.
+        Use :func:`rank_scores` to turn them into importances.
+    """
+    _check_criterion(criterion)
+    model = graph.gm
+    groups = graph.prunable_groups
+    if criterion == "group-exact":
+        return group_exact_scores(graph, calibration, loss_fn, method=method, probes=probes, seed=seed,
+                                  progress=progress)[0]
+    per_param = parameter_scores(model, calibration, criterion, loss_fn, probes=min(probes, 16), seed=seed,
+                                 progress=progress)
+    return {g.id: _reduce_to_channels(g, per_param) for g in groups}
+
+
+def rank_scores(scores: dict[int, torch.Tensor], signed: bool = False, normalize: str = "none") -> dict[int, torch.Tensor]:
+    """Importances for global ranking: |ΔL| (or signed ΔL), optionally normalized per group.
+
+    Args:
+        signed: rank by the signed predicted loss change instead of its magnitude.
+        normalize: "none", "mean" (divide by the group's mean |score|) or
+            "max" (divide by the group's max |score|).
+    """
+    if normalize not in ("none", "mean", "max"):
+        raise ValueError(f"normalize must be 'none', 'mean' or 'max', got {normalize!r}")
+    out = {}
+    for gid, s in scores.items():
+        v = s.clone() if signed else s.abs()
+        if normalize != "none":
+            ref = s.abs().mean() if normalize == "mean" else s.abs().max()
+            v = v / ref.clamp_min(1e-30)
+        out[gid] = v
+    return out
+
+
+class _ChannelMap:
+    """Which channel of one group each entry of one parameter belongs to.
+
+    ``entries`` are (dim, chan) pairs, ``chan`` a LongTensor over that dim with
+    the channel id or -1.  A parameter is usually sliced along one dim; a
+    residual conv that maps a channel onto itself is sliced along two (rows
+    and columns of the same group), and an entry on both slices of channel c
+    belongs to c once.
+    """
+
+    def __init__(self, shape, entries):
+        self.shape = tuple(shape)
+        self.entries = entries
+        if len(entries) > 2:
+            raise NotImplementedError("a parameter sliced along more than two dims by one group")
+
+    def to(self, device):
+        return _ChannelMap(self.shape, [(d, c.to(device)) for d, c in self.entries])
+
+    def _b(self, vec, dim):
+        view = [1] * len(self.shape)
+        view[dim] = -1
+        return vec.view(view)
+
+    def _overlap(self):
+        (d0, c0), (d1, c1) = self.entries
+        return d0, d1, (c0[:, None] == c1[None, :]) & (c0[:, None] >= 0)
+
+    def mask(self, c):
+        """Boolean mask of channel ``c`` (works under vmap with a batched ``c``)."""
+        out = None
+        for d, chan in self.entries:
+            m = self._b(chan == c, d)
+            out = m if out is None else (out | m)
+        return out.expand(self.shape)
+
+    def spread(self, per_channel):
+        """Σ_c per_channel[c] · mask_c, as a tensor of the parameter's shape."""
+        pad = torch.cat([per_channel, per_channel.new_zeros(1)])  # index -1 -> 0
+        out = None
+        for d, chan in self.entries:
+            v = self._b(pad[chan], d)
+            out = v if out is None else out + v
+        out = out.expand(self.shape).clone()
+        if len(self.entries) == 2:
+            d0, d1, eq = self._overlap()
+            fix = torch.where(eq, pad[self.entries[0][1]][:, None], torch.zeros((), dtype=pad.dtype))
+            out = out - fix.reshape([self.shape[k] if k in (d0, d1) else 1 for k in range(len(self.shape))])
+        return out
+
+    def reduce(self, x, size):
+        """Per channel c: the sum of ``x`` over mask_c."""
+        out = torch.zeros(size, dtype=x.dtype)
+        for d, chan in self.entries:
+            along = x.sum(dim=[k for k in range(x.ndim) if k != d]) if x.ndim > 1 else x
+            sel = chan >= 0
+            out.index_add_(0, chan[sel], along[sel])
+        if len(self.entries) == 2:
+            d0, d1, eq = self._overlap()
+            rest = [k for k in range(x.ndim) if k not in (d0, d1)]
+            plane = x.sum(dim=rest) if rest else x
+            i, j = eq.nonzero(as_tuple=True)
+            out.index_add_(0, self.entries[0][1][i], -plane[i, j])
+        return out
+
+
+def _channel_maps(graph, names):
+    """Per group: {param name: _ChannelMap}."""
+    maps = {}
+    params = dict(graph.gm.named_parameters())
+    for g in graph.prunable_groups:
+        per: dict[str, dict[int, torch.Tensor]] = {}
+        for m in g.members:
+            if m.name not in names:
+                continue
+            p = params[m.name]
+            chan = per.setdefault(m.name, {}).setdefault(m.dim, torch.full((p.shape[m.dim],), -1, dtype=torch.long))
+            chan[m.index] = m.channel
+        maps[g.id] = {n: _ChannelMap(params[n].shape, sorted(d.items())) for n, d in per.items()}
+    return maps
+
+
+def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=64, seed=0, progress=True):
+    """g_Sδ_S + ½ δ_SᵀH_SSδ_S for each channel S of each prunable group, alone.
+
+    "vmap" is exact: a batched Hessian-vector product over the group's channels.
+    "probes" estimates the quadratic term with P random-sign probes over all
+    channels of all groups at once: with v = Σ_c s_c δ_c and Rademacher s,
+    E[s_c δ_cᵀ(Hv)] = δ_cᵀHδ_c, with variance Σ_{k≠c} (δ_cᵀHδ_k)² / P.
+
+    Returns:
+        (scores, stderr): stderr is None for "vmap", else the per-channel
+        standard error of the probe estimate (sample std / sqrt(P)).
+    """
+    if method not in ("auto", "vmap", "probes"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'probes', got {method!r}")
+    model = graph.gm
+    groups = graph.prunable_groups
+    if method == "auto":
+        method = "vmap" if sum(g.size for g in groups) <= 4096 else "probes"
+    calibration = _reiterable(calibration)
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
+    maps = _channel_maps(graph, set(names))
+    theta = {n: named[n].detach() for n in names}
+    delta = {n: -t for n, t in theta.items()}
+    r = curvature(model, calibration, want=("g",), loss_fn=loss_fn, params=names, progress=False)
+    first = {}
+    gd = {n: r.g[n] * delta[n].to(torch.float64) for n in names}
+    for g in groups:
+        s = torch.zeros(g.size, dtype=torch.float64)
+        for n, cm in maps[g.id].items():
+            s += cm.reduce(gd[n].cpu(), g.size)
+        first[g.id] = s
+    if method == "vmap":
+        quad = _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress)
+        return {g.id: first[g.id] + 0.5 * quad[g.id] for g in groups}, None
+    gen = torch.Generator().manual_seed(seed)
+    sums = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    sq = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    for _ in range(probes):
+        signs = {g.id: (torch.randint(0, 2, (g.size,), generator=gen) * 2 - 1).double() for g in groups}
+        v = {n: torch.zeros_like(delta[n]) for n in names}
+        for g in groups:
+            for n, cm in maps[g.id].items():
+                v[n] = v[n] + cm.spread(signs[g.id]).to(delta[n]) * delta[n]
+        hv = curvature(model, calibration, want=("H",), direction=v, loss_fn=loss_fn, params=names,
+                       progress=progress).H
+        for g in groups:
+            est = torch.zeros(g.size, dtype=torch.float64)
+            for n, cm in maps[g.id].items():
+                est += cm.reduce((delta[n].to(torch.float64) * hv[n]).cpu(), g.size)
+            est = est * signs[g.id]
+            sums[g.id] += est
+            sq[g.id] += est**2
+    scores, stderr = {}, {}
+    for g in groups:
+        mean = sums[g.id] / probes
+        var = (sq[g.id] / probes - mean**2).clamp_min(0) * probes / max(probes - 1, 1)
+        scores[g.id] = first[g.id] + 0.5 * mean
+        stderr[g.id] = 0.5 * (var / probes).sqrt()
+    return scores, stderr
+
+
+def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk: int = 16):
+    """δ_cᵀ H δ_c for every channel, by vmapped forward-over-reverse HVPs over the touched params."""
+    loss_fn = loss_fn or default_loss
+    out = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    total = 0
+    device = next(iter(delta.values())).device
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    with scoring_mode(model), composite_norms():
+        batches = list(enumerate(calibration))
+        bar = tqdm(total=len(batches) * len(groups), desc="group-exact (vmap)", leave=False) if progress and tqdm else None
+        for bi, batch in batches:
+            inputs, targets = split_batch(batch, bi)
+            inputs, targets = _to(inputs, device), _to(targets, device)
+            n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) and targets.ndim else 1
+            for g in groups:
+                cm = {k: v.to(device) for k, v in maps[g.id].items()}
+                touched = list(cm)
+                p0 = {k: delta[k].neg() for k in touched}  # θ
+
+                def L(p):
+                    return loss_fn(functional_call(model, p, inputs), targets)
+
+                def hvp_c(c):
+                    v = {k: torch.where(cm[k].mask(c), delta[k], torch.zeros_like(delta[k])) for k in touched}
+                    hv = jvp(grad(L), (p0,), (v,))[1]
+                    return sum((v[k].to(torch.float64) * hv[k].to(torch.float64)).sum() for k in touched)
+
+                q = vmap(hvp_c, chunk_size=chunk)(torch.arange(g.size, device=device))
+                if not torch.isfinite(q).all():
+                    raise CalibrationError(f"batch {bi}: non-finite Hessian product in group {g.id}")
+                out[g.id] += n * q.detach().cpu().to(torch.float64)
+                if bar:
+                    bar.update(1)
+            total += n
+        if bar:
+            bar.close()
+    if total == 0:
+        raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
+    return {k: v / total for k, v in out.items()}
