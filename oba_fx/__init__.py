@@ -4,8 +4,12 @@ Public API:
     trace(model, example_inputs, leaf_modules=(), ignore=()) -> Graph
     Graph.groups, Graph.prune({group_id: [indices]}) -> torch.nn.Module
     count(model, example_inputs) -> (flops, params)
+    parameter_scores(model, calibration, criterion="oba") -> {name: Tensor}
+    group_scores(graph, calibration, criterion="oba") -> {group id: Tensor}
+    hessian_blocks(graph) -> HessianBlocks
 """
 from passes.dependency import Group, Member, UnknownOpWarning
+from passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
 from passes.rewrite import RewriteError
 from passes.trace import TraceFailure
 
@@ -15,4 +19,9 @@ from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_score
 
 __version__ = "0.1.0"
 
-__all__ = ["trace", "Graph", "parameter_scores", "group_scores", "group_exact_scores", "rank_scores", "CRITERIA", "Group", "Member", "count", "TraceFailure", "RewriteError", "UnknownOpWarning"]
+__all__ = [
+    "trace", "Graph", "Group", "Member", "count",
+    "parameter_scores", "group_scores", "group_exact_scores", "rank_scores", "CRITERIA",
+    "hessian_blocks", "HessianBlocks", "check_blocks",
+    "TraceFailure", "RewriteError", "UnknownOpWarning",
+]

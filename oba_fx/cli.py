@@ -65,6 +65,26 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_blocks(args) -> int:
+    import oba_fx
+
+    shape = _input_shape(args.model, args.input_shape)
+    model = _build(args.model, shape).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", oba_fx.UnknownOpWarning)
+        g = oba_fx.trace(model, torch.randn(*shape))
+    blocks = oba_fx.hessian_blocks(g)
+    print(blocks.to_text(max_rows=args.rows))
+    for path, fn in ((args.png, blocks.plot), (args.graphml, blocks.write_graphml), (args.dot, blocks.write_dot)):
+        if path:
+            fn(path)
+            print(f"wrote {path}")
+    if args.json:
+        write_json(args.json, blocks.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="oba-fx", description="Optimal Brain Apoptosis as a torch.fx compiler pass")
     sub = p.add_subparsers(dest="command", required=True)
@@ -76,6 +96,15 @@ def main(argv=None) -> int:
     q.add_argument("--json", help="write the groups as JSON here")
     q.add_argument("--graphml", help="write the networkx IR as GraphML here")
     q.set_defaults(fn=cmd_inspect)
+    b = sub.add_parser("blocks", help="which network-curvature Hessian blocks F_lm are structurally zero, and why")
+    b.add_argument("model", help="a models_zoo or torchvision model name")
+    b.add_argument("--input-shape", help="comma-separated input shape (defaults as for inspect)")
+    b.add_argument("--rows", type=int, default=40, help="max block pairs to print")
+    b.add_argument("--png", help="write the block heatmap here")
+    b.add_argument("--graphml", help="write the block graph as GraphML here")
+    b.add_argument("--dot", help="write the block graph as DOT here")
+    b.add_argument("--json", help="write the classification as JSON here")
+    b.set_defaults(fn=cmd_blocks)
     args = p.parse_args(argv)
     return args.fn(args)
 

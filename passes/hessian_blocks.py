@@ -205,7 +205,8 @@ class HessianBlocks:
             f"  F (network curvature): {c['zero']} zero, {c['nonzero']} non-zero "
             f"({c['diagonal_nonzero']} on the diagonal): "
             + ", ".join(f"{k} {c[k]}" for k in CATEGORIES[1:]),
-            f"  G (Gauss-Newton): {c['gauss_newton_nonzero']} non-zero ({reach} of {c['layers']} layers reach the loss)",
+            f"  G (Gauss-Newton): {c['gauss_newton_nonzero']} non-zero "
+            f"({reach} of {c['layers']} layers reach the loss)",
         ]
         rows = list(self.pairs())
         if rows:
@@ -412,13 +413,11 @@ _ADD_PRODUCT = {"addmm", "addmm_", "addbmm", "addbmm_", "baddbmm", "baddbmm_", "
                 "addcmul", "addcmul_"}
 _DIV = {"truediv", "itruediv", "div", "div_", "divide", "true_divide", "rtruediv"}
 _POW = {"pow", "pow_", "ipow", "float_power", "__pow__", "rpow"}
-# weight-times-input functions: (input position, weight position, weight keyword)
+# weight-times-input functions: op name -> (weight position, weight keyword)
 _WEIGHTED = {
-    "linear": ("input", 1, "weight"),
-    "conv1d": ("input", 1, "weight"), "conv2d": ("input", 1, "weight"), "conv3d": ("input", 1, "weight"),
-    "conv_transpose1d": ("input", 1, "weight"), "conv_transpose2d": ("input", 1, "weight"),
-    "conv_transpose3d": ("input", 1, "weight"), "conv_tbc": ("input", 1, "weight"),
-    "embedding": ("input", 1, "weight"), "embedding_bag": ("input", 1, "weight"), "prelu": ("input", 1, "weight"),
+    "linear": (1, "weight"), "conv1d": (1, "weight"), "conv2d": (1, "weight"), "conv3d": (1, "weight"),
+    "conv_transpose1d": (1, "weight"), "conv_transpose2d": (1, "weight"), "conv_transpose3d": (1, "weight"),
+    "conv_tbc": (1, "weight"), "embedding": (1, "weight"), "embedding_bag": (1, "weight"), "prelu": (1, "weight"),
 }
 
 _LINEAR_MODULES: tuple[type, ...] = (
@@ -656,7 +655,7 @@ class _Analyzer:
             inplace = node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
                                       operator.ipow, operator.imatmul)
         elif node.op == "call_module":
-            inplace = bool(getattr(self.modules[node.target], "inplace", False))
+            inplace = getattr(self.modules[node.target], "inplace", False) is True
         if not inplace or not node.args or not isinstance(node.args[0], torch.fx.Node):
             return
         target = node.args[0]
@@ -721,9 +720,11 @@ class _Analyzer:
                 ops = ops[0]
             self.multilinear(node, ops)
             return None
-        if name in _ADD_PRODUCT:
-            self.product(node, _arg(node, 1, "tensor1" if "addc" in name else "mat1"),
-                         _arg(node, 2, "tensor2" if "addc" in name else "mat2"))
+        if name in _ADD_PRODUCT:  # input + alpha * (a ⊗ b)
+            ops = list(node.args[1:3]) + [
+                v for k, v in node.kwargs.items() if k not in ("input", "beta", "alpha", "value", "out")
+            ]
+            self.multilinear(node, ops)
             return None
         if name in ("addcdiv", "addcdiv_"):
             t1, t2 = _arg(node, 1, "tensor1"), _arg(node, 2, "tensor2")
@@ -736,7 +737,7 @@ class _Analyzer:
                 self.product(node, w, [node.args[0], _arg(node, 1, "end")])
             return None
         if name in _WEIGHTED:
-            _, wi, wname = _WEIGHTED[name]
+            wi, wname = _WEIGHTED[name]
             x = _arg(node, 0, "input")
             w = _arg(node, wi, wname)
             if name in ("embedding", "embedding_bag"):

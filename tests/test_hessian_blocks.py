@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import oba_fx
 from helpers import randomize_norms
@@ -151,6 +152,33 @@ class OddOps(nn.Module):
         return self.out(q + s * g)
 
 
+class FunctionalOps(nn.Module):
+    """Functional layers on get_attr weights, einsum, addmm, PReLU, hardswish, an in-place add, detach."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6) * 0.4)
+        self.u = nn.Parameter(torch.randn(8, 8) * 0.4)
+        self.bn_w = nn.Parameter(torch.rand(8) + 0.5)
+        self.register_buffer("rm", torch.randn(8) * 0.1)
+        self.register_buffer("rv", torch.rand(8) + 0.5)
+        self.l1, self.l2, self.l3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(6, 8)
+        self.prelu, self.hs = nn.PReLU(8), nn.Hardswish()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.linear(x, self.w)  # series with everything downstream
+        h = F.batch_norm(h, self.rm, self.rv, self.bn_w, None, False)  # eval statistics: (w, bn_w) series
+        g = torch.einsum("bi,ij->bj", self.l1(x), self.u)  # (l1, u) series
+        g = torch.addmm(h, g, self.l2.weight.t())  # l2 is read as a tensor: layer "l2.weight"
+        r = self.prelu(g)  # linear in its slope
+        acc = torch.zeros_like(g)
+        acc.add_(self.l1(x))  # in-place: acc depends on l1
+        k = self.hs(self.l3(x)) ** 1  # hardswish is piecewise quadratic: (l3, l3); ** 1 is linear
+        q = r + 0.5 * k + 0.1 * torch.tanh(acc)  # (l1, l1) smooth through the in-place alias
+        return self.out(q / (h.detach().abs() + 1.0))  # division by a constant
+
+
 MODELS = {
     "relu_mlp": (lambda: MLP(nn.ReLU), (6,)),
     "gelu_mlp": (lambda: MLP(nn.GELU), (6,)),
@@ -159,6 +187,7 @@ MODELS = {
     "vit": (TinyViT, (3, 4)),
     "mha": (MHABlock, (3, 5)),
     "odd": (OddOps, (6,)),
+    "functional": (FunctionalOps, (6,)),
 }
 
 
@@ -192,16 +221,32 @@ def ref_fvp(model, calibration, v):
     def loss(p):
         return F.cross_entropy(f(p), y)
 
-    _, hv = jvp(grad(loss), (params,), (v,))
-    out, jv = jvp(f, (params,), (v,))
-    s = out.softmax(-1)
-    hl_jv = (s * jv - s * (s * jv).sum(-1, keepdim=True)) / out.shape[0]  # ∇²ℓ (mean CE) · Jv
-    _, pull = vjp(f, params)
-    (gv,) = pull(hl_jv)
+    # the fused CPU attention kernels (SDPA flash, MHA fast path) have no forward-mode AD
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            _, hv = jvp(grad(loss), (params,), (v,))
+            out, jv = jvp(f, (params,), (v,))
+            s = out.softmax(-1)
+            hl_jv = (s * jv - s * (s * jv).sum(-1, keepdim=True)) / out.shape[0]  # ∇²ℓ (mean CE) · Jv
+            _, pull = vjp(f, params)
+            (gv,) = pull(hl_jv)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return {n: hv[n] - gv[n] for n in params}
 
 
 _CACHE: dict[str, tuple] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP oversubscription on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def analysed(name: str):
@@ -322,6 +367,19 @@ def test_odd_ops_structure():
     assert b.zero("f", "a")
 
 
+def test_functional_ops_structure():
+    _, _, b, _ = analysed("functional")
+    assert b.layers == ["w", "bn_w", "l1", "u", "l2.weight", "prelu", "l3", "out"]
+    smooth_diag = {"l1", "l3"}
+    for l in b.layers:
+        assert b.zero(l, l) == (l not in smooth_diag), l
+    assert b.reason("w", "bn_w") == "series" and b.reason("l1", "u") == "series"
+    assert b.reason("u", "l2.weight") == "series" and b.reason("w", "prelu") == "series"
+    assert b.zero("w", "l1") and b.zero("w", "l2.weight")  # branches meet by addition only
+    assert all(b.zero("l3", m) for m in b.layers if m not in ("l3", "out"))
+    assert not b.warnings
+
+
 # ---------------------------------------------------------------------------
 # API and outputs
 
@@ -380,3 +438,21 @@ def test_check_blocks_is_agnostic():
     assert len(calls) == 9 and calls[0] == ["fc1.bias", "fc1.weight"]
     assert norms[("fc2", "fc2")] > 0 and norms[("fc1", "fc2")] == 0 and norms[("fc2", "fc1")] == 0
     assert norms[("fc3", "fc3")] == 0  # fc3.weight present, fc3.bias left out by fvp
+
+
+@pytest.mark.parametrize("name", ["relu_mlp", "gelu_mlp", "res_cnn", "attention"])
+def test_prediction_matches_production_engine(name):
+    """The same check with oba_fx's own curvature engine (forward-over-reverse Fv) as the probe."""
+    from passes.curvature import curvature
+
+    model, cal, blocks, _ = analysed(name)
+
+    def engine_fvp(m, c, v):
+        return curvature(m, c, want=("F",), direction=v, params=list(v), progress=False).F
+
+    norms = check_blocks(blocks, model, cal, engine_fvp, probes=1, seed=1)
+    for (l, m), v in norms.items():
+        if blocks.zero(l, m):
+            assert v < ZERO_TOL, (l, m, v)
+        else:
+            assert v > NONZERO_TOL, (l, m, v)

@@ -1,0 +1,113 @@
+"""Cost of each scoring criterion per calibration batch, relative to one forward+backward.
+
+Each (model, criterion) runs in a fresh subprocess so its peak RSS is its own.
+Writes benchmarks/results/scoring_cost.json; BENCHMARKS.md is generated from it
+by ``python benchmarks/report.py``.
+
+    python benchmarks/bench_scoring.py [--batches 3] [--models resnet32 vit_small]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import save
+
+CRITERIA = ["fwd+bwd", "taylor", "oba", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)", "obd-fisher",
+            "group-exact (1 probe)"]
+MODELS = {
+    "resnet32": dict(kw={"in_channels": 3}, shape=(3, 32, 32), batch=128),
+    "vit_small": dict(kw={"in_channels": 3, "img_size": 32}, shape=(3, 32, 32), batch=128),
+}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(model_name: str, criterion: str, batches: int) -> dict:
+    import models_zoo
+    import oba_fx
+    from passes.curvature import curvature
+
+    spec = MODELS[model_name]
+    torch.manual_seed(0)
+    model = models_zoo.create(model_name, **spec["kw"]).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(spec["batch"], *spec["shape"], generator=gen), torch.randint(0, 10, (spec["batch"],),
+                                                                                        generator=gen))
+            for _ in range(batches + 1)]
+    graph = oba_fx.trace(model, data[0][0][:2]) if criterion.startswith("group-exact") else None
+    base_rss = _rss_mb()
+
+    def run(batch_list):
+        if criterion == "fwd+bwd":
+            for x, y in batch_list:
+                model.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+        elif criterion == "obd (1 probe)":
+            oba_fx.parameter_scores(model, batch_list, "obd", probes=1, progress=False)
+        elif criterion == "group-exact (1 probe)":
+            oba_fx.group_exact_scores(graph, batch_list, method="probes", probes=1, progress=False)
+        elif criterion == "taylor":
+            curvature(model, batch_list, want=("g",), progress=False)
+        else:
+            oba_fx.parameter_scores(model, batch_list, criterion, progress=False)
+
+    run(data[:1])  # warm-up
+    t = time.perf_counter()
+    run(data[1:])
+    seconds = (time.perf_counter() - t) / batches
+    return {"seconds_per_batch": seconds, "peak_rss_mb": _rss_mb(), "rss_after_setup_mb": base_rss}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--criteria", nargs="+", default=CRITERIA)
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CRITERION"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.batches)))
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = lambda x, **k: x  # noqa: E731
+    rows = []
+    jobs = [(m, c) for m in args.models for c in args.criteria]
+    for m, c in tqdm(jobs, desc="scoring cost"):
+        out = subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--worker", m, c],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append({"model": m, "criterion": c, "error": out.stderr.strip().splitlines()[-1]})
+            continue
+        rows.append({"model": m, "criterion": c, **json.loads(out.stdout.strip().splitlines()[-1])})
+    for m in args.models:
+        base = next((r for r in rows if r["model"] == m and r["criterion"] == "fwd+bwd" and "error" not in r), None)
+        for r in rows:
+            if r["model"] == m and base and "error" not in r:
+                r["time_vs_fwd_bwd"] = r["seconds_per_batch"] / base["seconds_per_batch"]
+                r["extra_peak_mb"] = r["peak_rss_mb"] - r["rss_after_setup_mb"]
+                r["extra_peak_vs_fwd_bwd"] = r["extra_peak_mb"] / max(base["peak_rss_mb"] - base["rss_after_setup_mb"], 1e-9)
+    path = save("scoring_cost", {
+        "description": "seconds and peak RSS per calibration batch (batch 128, float32, CPU) relative to one "
+                       "forward+backward of the same batch; each row is a separate process",
+        "batch_size": {m: MODELS[m]["batch"] for m in args.models},
+        "batches_timed": args.batches,
+        "rows": rows,
+    })
+    for r in rows:
+        print(r)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
