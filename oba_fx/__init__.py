@@ -13,6 +13,7 @@ from passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
 from passes.rewrite import RewriteError
 from passes.trace import TraceFailure
 
+from .compress import CompressResult, compress, evaluate_loss
 from .counting import count
 from .graph import Graph, trace
 from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
@@ -20,7 +21,7 @@ from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_score
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "Graph", "Group", "Member", "count",
+    "trace", "Graph", "Group", "Member", "count", "compress", "CompressResult", "evaluate_loss",
     "parameter_scores", "group_scores", "group_exact_scores", "rank_scores", "CRITERIA",
     "hessian_blocks", "HessianBlocks", "check_blocks",
     "TraceFailure", "RewriteError", "UnknownOpWarning",

@@ -1,0 +1,378 @@
+"""``oba_fx.compress``: score coupled groups, remove the least important to a FLOPs target, rewrite.
+
+Each step traces the current model, scores every prunable group's channels on
+calibration data, and removes the lowest-importance channels until the step's
+FLOPs (or parameter) target is met.  The number of channels to remove is found
+by bisection over the ranked list, counting FLOPs of candidate rewrites on the
+meta device (no data is copied), so a step stops as soon as its target is met:
+it overshoots by at most one channel's FLOPs.  Step targets follow a geometric
+schedule and never pass the final target.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from passes.curvature import CalibrationError, default_loss, scoring_mode, split_batch, _to
+from passes.rewrite import rewrite
+from passes.trace import TracedGraph, as_args
+
+from .counting import count
+from .graph import Graph, trace
+from .scoring import CRITERIA, group_scores, rank_scores
+
+__all__ = ["compress", "CompressResult", "evaluate_loss"]
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` returns.
+
+    Attributes:
+        model: the slimmed ``torch.fx.GraphModule``.
+        report: JSON-able dict: FLOPs/params before and after, per-layer
+            widths, groups removed, predicted vs measured ΔL per step, timings.
+    """
+
+    model: nn.Module
+    report: dict = field(default_factory=dict)
+
+
+def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None) -> float:
+    """Mean loss over ``batches`` in eval mode (mode restored, buffers untouched)."""
+    loss_fn = loss_fn or default_loss
+    total, n = 0.0, 0
+    device = next(model.parameters()).device
+    with scoring_mode(model), torch.no_grad():
+        for bi, batch in enumerate(batches):
+            inputs, targets = split_batch(batch, bi)
+            inputs, targets = _to(inputs, device), _to(targets, device)
+            b = int(inputs[0].shape[0])
+            total += float(loss_fn(model(*inputs), targets)) * b
+            n += b
+    if n == 0:
+        raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
+    return total / n
+
+
+class _Stream:
+    """Calibration batches per step: all of them, or the next ``per_step`` of a cycling iterator."""
+
+    def __init__(self, calibration, per_step: int | None):
+        self.calibration = calibration
+        self.per_step = per_step
+        self._it = None
+
+    def next(self) -> list:
+        if self.per_step is None:
+            batches = list(self.calibration)
+        else:
+            batches = []
+            for _ in range(self.per_step):
+                try:
+                    if self._it is None:
+                        raise StopIteration
+                    batches.append(next(self._it))
+                except StopIteration:
+                    self._it = iter(self.calibration)
+                    try:
+                        batches.append(next(self._it))
+                    except StopIteration:
+                        break
+        if not batches:
+            raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
+        return batches
+
+
+def _meta_traced(graph: Graph) -> TracedGraph:
+    t = graph._traced
+    gm = copy.deepcopy(t.gm).to("meta")
+    args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in t.example_inputs)
+    return TracedGraph(gm=gm, example_inputs=args, ir=t.ir, source_training=False)
+
+
+def _meta_cost(meta: TracedGraph, result, removal, measure: str) -> int:
+    slim = rewrite(meta, result, removal, check=False) if removal else meta.gm
+    if measure == "params":
+        return sum(p.numel() for p in slim.parameters())
+    with FlopCounterMode(display=False) as fc:
+        slim(*meta.example_inputs)
+    return int(fc.get_total_flops())
+
+
+def _group_key(g) -> str:
+    """Identity of a group across re-traces: its first producer/head/norm slice."""
+    return g.label.split(" (")[0]
+
+
+def _removal_from_order(order, counts_cap, sizes, k, round_to):
+    """Remove the first k (group, channel) pairs of ``order``, capped and rounded per group."""
+    take: dict[int, list[int]] = {}
+    for gid, ch in order[:k]:
+        take.setdefault(gid, []).append(ch)
+    out = {}
+    for gid, chans in take.items():
+        n = min(len(chans), counts_cap[gid])
+        if round_to:
+            keep = sizes[gid] - n
+            keep = int(math.ceil(keep / round_to) * round_to) if keep % round_to else keep
+            n = sizes[gid] - min(keep, sizes[gid])
+        if n > 0:
+            out[gid] = chans[:n]
+    return out
+
+
+def _frozen_summary(graph: Graph, limit: int = 8) -> str:
+    reasons = Counter(g.reason for g in graph.groups if not g.prunable)
+    lines = [f"  {n} group(s): {r}" for r, n in reasons.most_common(limit)]
+    return "\n".join(lines) if lines else "  (no groups at all)"
+
+
+def compress(
+    model: nn.Module,
+    example_inputs: Any,
+    calibration: Iterable,
+    *,
+    target_flops: float | None = 0.5,
+    target_params: float | None = None,
+    criterion: str = "oba",
+    loss_fn: Callable | None = None,
+    steps: int = 1,
+    scope: str = "global",
+    max_layer_ratio: float = 0.9,
+    round_to: int | None = None,
+    ignore: Iterable[str] = (),
+    finetune: Callable[[nn.Module, int], Any] | None = None,
+    leaf_modules: Iterable = (),
+    batches_per_step: int | None = None,
+    normalize: str = "none",
+    signed: bool = False,
+    schedule: str = "geometric",
+    probes: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> CompressResult:
+    """Structured pruning to a FLOPs (or parameter) target.
+
+    Args:
+        model: the trained model; never modified.
+        example_inputs: inputs for tracing and FLOPs counting (a tensor or tuple).
+        calibration: iterable of (inputs, targets) batches; a DataLoader works.
+        target_flops: fraction of the original FLOPs to keep, in (0, 1].
+        target_params: fraction of the original parameters to keep (instead of FLOPs).
+        criterion: a name from ``oba_fx.CRITERIA``.
+        loss_fn: batch-mean loss ``loss_fn(outputs, targets)``; default cross-entropy.
+        steps: >1 prunes iteratively, re-tracing and re-scoring after each step.
+        scope: "global" (one ranking over all groups) or "local" (the same
+            fraction of every group).
+        max_layer_ratio: at most this fraction of a group's original channels is removed.
+        round_to: keep channel counts at multiples of this (when the group allows).
+        ignore: module/parameter names whose channels are kept.
+        finetune: ``finetune(model, step)`` run after each step (trains in place),
+            e.g. ``lambda m, s: oba_fx.finetune(m, loader, epochs=1)``.
+        leaf_modules: module types/names torch.fx should not trace into.
+        batches_per_step: calibration batches per step (the next ones from a
+            cycling iterator, so steps see fresh data); default all of them.
+        normalize, signed: ranking options, see ``oba_fx.rank_scores``.
+        schedule: "geometric" (keep target^(s/S) after step s) or "linear".
+        probes: probes for obd / group-exact.
+        seed: seed for random / probe criteria.
+
+    Returns:
+        CompressResult with ``.model`` and ``.report``.
+
+    Raises:
+        ValueError: bad targets or options, or a target that frozen groups make
+            unreachable (the message lists what is frozen and why).
+        CalibrationError: empty data, NaN loss, targets that do not fit.
+        TraceFailure: the model cannot be traced.
+    """
+    if target_flops is None and target_params is None:
+        raise ValueError("give target_flops= or target_params=, a fraction of the original in (0, 1]")
+    measure = "params" if target_params is not None else "flops"  # target_params takes precedence
+    target = target_params if target_params is not None else target_flops
+    if not isinstance(target, (int, float)) or isinstance(target, bool):
+        raise ValueError(f"target_{measure} must be a number in (0, 1], got {target!r}")
+    target = float(target)
+    if not (0 < target <= 1) or math.isnan(target):
+        raise ValueError(f"target_{measure}={target} must be a fraction of the original in (0, 1], e.g. 0.5")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion '{criterion}'; choose from {', '.join(CRITERIA)}")
+    if scope not in ("global", "local"):
+        raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not (0 < max_layer_ratio <= 1):
+        raise ValueError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    if schedule not in ("geometric", "linear"):
+        raise ValueError(f"schedule must be 'geometric' or 'linear', got {schedule!r}")
+    if calibration is None:
+        raise CalibrationError("calibration is None: give an iterable of (inputs, targets) batches")
+    if iter(calibration) is calibration:  # a one-shot iterator: keep it for all steps
+        calibration = list(calibration)
+    ignore = tuple(ignore)
+    args = as_args(example_inputs)
+    t_start = time.perf_counter()
+
+    flops0, params0 = count(model, args)
+    base = params0 if measure == "params" else flops0
+    final_goal = target * base
+    stream = _Stream(calibration, batches_per_step)
+    current: nn.Module = model
+    original_sizes: dict[str, int] = {}
+    step_reports = []
+    widths_before = _widths(model)
+    for step in range(1, steps + 1):
+        frac = target ** (step / steps) if schedule == "geometric" else 1 - (1 - target) * step / steps
+        goal = final_goal if step == steps else max(frac * base, final_goal)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if step > 1 else "default")
+            graph = trace(current, args, leaf_modules=leaf_modules, ignore=ignore)
+        t_trace = time.perf_counter() - t0
+        groups = graph.prunable_groups
+        if step == 1:
+            original_sizes = {_group_key(g): g.size for g in graph.groups}
+        meta = _meta_traced(graph)
+        now = _meta_cost(meta, graph._result, {}, measure)
+        if now <= goal:
+            step_reports.append({"step": step, "goal": goal, "before": now, "after": now, "removed": {},
+                                 "note": "already at the target"})
+            continue
+        caps = {}
+        for g in groups:
+            orig = original_sizes.get(_group_key(g), g.size)
+            max_removed_total = min(int(math.floor(max_layer_ratio * orig)), orig - 1)
+            caps[g.id] = max(0, min(g.size - 1, max_removed_total - (orig - g.size)))
+        floor_cost = _meta_cost(meta, graph._result, {gid: list(range(n)) for gid, n in caps.items() if n}, measure) \
+            if any(caps.values()) else now
+        if floor_cost > goal:
+            raise ValueError(
+                f"the {measure} target cannot be reached: removing every removable channel "
+                f"(max_layer_ratio={max_layer_ratio}) leaves {floor_cost / base:.1%} of the original {measure}, "
+                f"above the step-{step} goal {goal / base:.1%}. {len(groups)} of {len(graph.groups)} groups are "
+                f"prunable; frozen groups:\n{_frozen_summary(graph)}\n"
+                "Fix: a higher target, a larger max_layer_ratio, fewer ignored layers, or rules for the ops above."
+            )
+        batches = stream.next()
+        t0 = time.perf_counter()
+        scores = group_scores(graph, batches, criterion, loss_fn, probes=probes, seed=seed + step, progress=progress)
+        t_score = time.perf_counter() - t0
+        importance = rank_scores(scores, signed=signed, normalize=normalize)
+        t0 = time.perf_counter()
+        sizes = {g.id: g.size for g in groups}
+        if scope == "global":
+            order = sorted(((float(v), gid, ch) for gid, vec in importance.items() for ch, v in enumerate(vec.tolist())),
+                           key=lambda t: (t[0], t[1], t[2]))
+            order = [(gid, ch) for _, gid, ch in order if caps[gid] > 0]
+
+            def removal_at(k):
+                return _removal_from_order(order, caps, sizes, k, round_to)
+
+            hi = len(order)
+        else:
+            # local: every group loses the same fraction; channels are ordered by their fractional rank
+            # within their group ((r + 1) / size), so the bisection moves one channel at a time and the
+            # per-group fractions never differ by more than one channel
+            keyed = []
+            for gid, vec in importance.items():
+                for r, ch in enumerate(torch.argsort(vec, stable=True).tolist()):
+                    keyed.append(((r + 1) / sizes[gid], gid, int(ch)))
+            keyed.sort()
+            order = [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
+
+            def removal_at(k):
+                return _removal_from_order(order, caps, sizes, k, round_to)
+
+            hi = len(order)
+        # smallest k whose rewrite meets the goal (cost is non-increasing in k)
+        lo, evals = 0, 0
+        cost_hi = _meta_cost(meta, graph._result, removal_at(hi), measure)
+        evals += 1
+        if cost_hi > goal:
+            raise ValueError(
+                f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove leaves "
+                f"{cost_hi / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}"
+            )
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = _meta_cost(meta, graph._result, removal_at(mid), measure)
+            evals += 1
+            if c <= goal:
+                hi = mid
+            else:
+                lo = mid
+        removal = removal_at(hi)
+        t_select = time.perf_counter() - t0
+        predicted = float(sum(scores[gid][torch.as_tensor(ch)].sum() for gid, ch in removal.items()))
+        t0 = time.perf_counter()
+        loss_before = evaluate_loss(graph.gm, batches, loss_fn)
+        slim = graph.prune(removal)
+        loss_after = evaluate_loss(slim, batches, loss_fn)
+        t_rewrite = time.perf_counter() - t0
+        by_id = {g.id: g for g in groups}
+        step_report = {
+            "step": step,
+            "goal": goal,
+            "goal_fraction": goal / base,
+            "before": now,
+            "after": None,
+            "channels_removed": int(sum(len(v) for v in removal.values())),
+            "removed": {_group_key(by_id[gid]): len(ch) for gid, ch in removal.items()},
+            "predicted_delta_loss": predicted,
+            "measured_delta_loss": loss_after - loss_before,
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "bisection_evaluations": evals,
+            "seconds": {"trace": t_trace, "score": t_score, "select": t_select, "rewrite": t_rewrite},
+        }
+        if finetune is not None:
+            t0 = time.perf_counter()
+            finetune(slim, step)
+            step_report["seconds"]["finetune"] = time.perf_counter() - t0
+            step_report["loss_after_finetune"] = evaluate_loss(slim, batches, loss_fn)
+        f, p = count(slim, args)
+        step_report["after"] = p if measure == "params" else f
+        step_report["flops_after"], step_report["params_after"] = f, p
+        step_reports.append(step_report)
+        current = slim
+    if current is model:
+        current = trace(model, args, leaf_modules=leaf_modules, ignore=ignore).gm
+        current.train(model.training)
+    flops1, params1 = count(current, args)
+    report = {
+        "criterion": criterion,
+        "scope": scope,
+        "steps": steps,
+        "target": {measure: target},
+        "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0 if flops0 else None},
+        "params": {"before": params0, "after": params1, "ratio": params1 / params0},
+        "widths": {"before": widths_before, "after": _widths(current)},
+        "step_reports": step_reports,
+        "seconds_total": time.perf_counter() - t_start,
+    }
+    return CompressResult(model=current, report=report)
+
+
+def _widths(model: nn.Module) -> dict[str, list[int]]:
+    """Per layer with a weight: its weight shape (out, in, ...)."""
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.ndim >= 1 and m is not model:
+            out[name] = list(w.shape)
+        elif type(m).__name__ in ("MultiheadAttention", "SlimMultiheadAttention"):
+            out[name] = list(m.in_proj_weight.shape)
+    return out
