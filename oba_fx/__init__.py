@@ -15,8 +15,11 @@ from passes.trace import TraceFailure
 
 from .compress import CompressResult, compress, evaluate_loss
 from .counting import count
+from .export import OnnxMismatch, export_onnx, load, save
+from .finetune import finetune
 from .graph import Graph, trace
 from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
+from .unstructured import compress_unstructured, make_permanent, sparsity_report
 
 __version__ = "0.1.0"
 
@@ -24,5 +27,7 @@ __all__ = [
     "trace", "Graph", "Group", "Member", "count", "compress", "CompressResult", "evaluate_loss",
     "parameter_scores", "group_scores", "group_exact_scores", "rank_scores", "CRITERIA",
     "hessian_blocks", "HessianBlocks", "check_blocks",
+    "finetune", "compress_unstructured", "make_permanent", "sparsity_report",
+    "save", "load", "export_onnx", "OnnxMismatch",
     "TraceFailure", "RewriteError", "UnknownOpWarning",
 ]

@@ -331,6 +331,7 @@ def compress(
             "after": None,
             "channels_removed": int(sum(len(v) for v in removal.values())),
             "removed": {_group_key(by_id[gid]): len(ch) for gid, ch in removal.items()},
+            "removed_channels": {_group_key(by_id[gid]): sorted(int(c) for c in ch) for gid, ch in removal.items()},
             "predicted_delta_loss": predicted,
             "measured_delta_loss": loss_after - loss_before,
             "loss_before": loss_before,

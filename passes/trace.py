@@ -234,6 +234,10 @@ def trace_module(
             f"  fix: {hint}; its channels are then kept frozen."
         ) from err
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # unpickling a GraphModule re-traces its code with `_tracer_cls`; ours needs constructor
+    # arguments, and the plain Tracer (all modules kept as leaves on reload) is what we want
+    graph._tracer_cls = None
+    gm._tracer_cls = None
     gm.eval()
     with torch.no_grad():
         try:

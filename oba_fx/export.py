@@ -1,0 +1,147 @@
+"""Save/load of slimmed modules and verified ONNX export.
+
+File format (``oba_fx.save``): a ``torch.save`` archive of the dict
+
+    {"format": "oba_fx.module/1", "torch": torch.__version__, "kind": "graphmodule" | "module",
+     "module": <the module object>, "meta": {user metadata}}
+
+A GraphModule pickles its generated code and its submodules, so it loads
+without the original model class (only torch.nn classes and, for pruned
+attention, ``passes.attention.SlimMultiheadAttention``).  A plain module needs
+its class importable.  Loading unpickles: only load files you trust.
+Writes go to a temporary file in the same folder and are renamed into place.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from passes.trace import as_args
+
+from .io import atomic_write
+
+__all__ = ["save", "load", "export_onnx", "OnnxMismatch", "FORMAT"]
+
+FORMAT = "oba_fx.module/1"
+
+
+class OnnxMismatch(RuntimeError):
+    """onnxruntime's output differs from PyTorch's beyond the tolerance."""
+
+
+def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Save a (slimmed) module atomically; see the module docstring for the format."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"oba_fx.save expects a torch.nn.Module, got {type(model).__name__}")
+    kind = "graphmodule" if isinstance(model, torch.fx.GraphModule) else "module"
+    payload = {"format": FORMAT, "torch": torch.__version__, "kind": kind, "module": model, "meta": dict(meta or {})}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Load a module saved by :func:`oba_fx.save` (unpickles: trusted files only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an oba_fx module file (expected format {FORMAT}); "
+                         "save it with oba_fx.save(model, path)")
+    return payload["module"]
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    rtol: float = 1e-4,
+    dynamo: bool | None = None,
+) -> Path:
+    """Export to ONNX, check it, run it in onnxruntime and compare with PyTorch.
+
+    The file is written only if onnx.checker passes and onnxruntime's outputs
+    match PyTorch's within ``rtol`` (max |diff| / max |reference|).  onnxruntime
+    uses the CUDA provider when torch sees a GPU, else the CPU provider.
+
+    Args:
+        dynamo: exporter choice: True (torch.export based), False (TorchScript
+            based), None: try the torch.export exporter, fall back to TorchScript.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OnnxMismatch: outputs differ; nothing is written.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    args = as_args(example_inputs)
+    names = [f"input_{i}" for i in range(len(args))] if len(args) > 1 else ["input"]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = model(*args)
+        refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+        out_names = ["output"] if len(refs) == 1 else [f"output_{i}" for i in range(len(refs))]
+        errors = []
+
+        def write(tmp: str) -> None:
+            for use_dynamo in ([dynamo] if dynamo is not None else [True, False]):
+                try:
+                    _export(model, args, tmp, names, out_names, opset, dynamic_batch, use_dynamo)
+                    break
+                except Exception as err:  # noqa: BLE001
+                    errors.append(f"{'torch.export' if use_dynamo else 'TorchScript'} exporter: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            else:
+                raise RuntimeError("ONNX export failed:\n  " + "\n  ".join(errors))
+            onnx.checker.check_model(tmp)
+            sess = ort.InferenceSession(tmp, providers=_providers())
+            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
+            got = sess.run(None, feeds)
+            for k, (g, r) in enumerate(zip(got, refs)):
+                r = r.detach().cpu().numpy()
+                if g.shape != r.shape:
+                    raise OnnxMismatch(f"output {k}: onnxruntime shape {g.shape} vs PyTorch {r.shape}")
+                rel = float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30))
+                if not rel <= rtol:
+                    raise OnnxMismatch(f"output {k}: onnxruntime differs from PyTorch by {rel:.2e} relative "
+                                       f"(tolerance {rtol:.0e}); the file was not written")
+
+        return atomic_write(path, write)
+    finally:
+        model.train(was)
+
+
+def _export(model, args, path, names, out_names, opset, dynamic_batch, use_dynamo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if use_dynamo:
+            shapes = tuple({0: torch.export.Dim("batch", min=1)} if dynamic_batch and a.ndim else None
+                           for a in args) if dynamic_batch else None
+            torch.onnx.export(model, args, path, dynamo=True, input_names=names, output_names=out_names,
+                              dynamic_shapes=shapes, opset_version=opset, verbose=False)
+        else:
+            axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
+            torch.onnx.export(model, args, path, dynamo=False, input_names=names, output_names=out_names,
+                              dynamic_axes=axes, opset_version=opset)

@@ -1,0 +1,103 @@
+"""A plain, well-made recovery fine-tuning loop."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from passes.curvature import _to, default_loss, split_batch
+
+__all__ = ["finetune"]
+
+
+def finetune(
+    model: nn.Module,
+    train_data: Iterable,
+    epochs: int = 1,
+    lr: float = 0.01,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    teacher: nn.Module | None = None,
+    kd_alpha: float = 0.5,
+    kd_temperature: float = 4.0,
+    loss_fn: Callable | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place: SGD with momentum, cosine schedule, optional distillation.
+
+    Args:
+        model: the (slimmed) model; trained in place and left in eval mode.
+        train_data: iterable of (inputs, targets) batches, re-iterated each epoch.
+        epochs: passes over ``train_data``.
+        lr: peak learning rate (cosine-annealed to 0 over all steps).
+        teacher: optional original model; adds ``kd_alpha`` × KL(student‖teacher)
+            at ``kd_temperature`` (Hinton et al.) to ``(1 − kd_alpha)`` × the task loss.
+        loss_fn: batch-mean task loss; default cross-entropy.
+
+    Returns:
+        History: {"loss": [mean loss per epoch], "steps": n}.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    loss_fn = loss_fn or default_loss
+    try:
+        n_batches = len(train_data)
+    except TypeError:
+        train_data = list(train_data)
+        n_batches = len(train_data)
+    if n_batches == 0 and epochs:
+        raise ValueError("train_data is empty: give at least one (inputs, targets) batch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    total = max(1, epochs * n_batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    device = next(model.parameters()).device
+    if teacher is not None:
+        teacher = teacher.eval()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    history = {"loss": [], "steps": 0}
+    for epoch in range(epochs):
+        model.train()
+        it = train_data
+        if progress and tqdm is not None:
+            it = tqdm(train_data, total=n_batches, desc=f"finetune epoch {epoch + 1}/{epochs}", leave=False)
+        running, seen = 0.0, 0
+        for bi, batch in enumerate(it):
+            inputs, targets = split_batch(batch, bi)
+            inputs, targets = _to(inputs, device), _to(targets, device)
+            out = model(*inputs)
+            loss = loss_fn(out, targets)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(*inputs)
+                T = kd_temperature
+                kd = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t_out / T, -1), log_target=True,
+                              reduction="batchmean") * T * T
+                loss = (1 - kd_alpha) * loss + kd_alpha * kd
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"finetune: loss became {loss.item()} at epoch {epoch + 1}, batch {bi}; "
+                                         "lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            b = int(inputs[0].shape[0])
+            running += float(loss.detach()) * b
+            seen += b
+            history["steps"] += 1
+            if progress and tqdm is not None:
+                it.set_postfix(loss=f"{running / max(seen, 1):.4f}")
+        history["loss"].append(running / max(seen, 1))
+    model.eval()
+    from .unstructured import _refresh
+
+    _refresh(model)  # pruning masks: leave graph-free weights so the model can be copied
+    return history
