@@ -54,5 +54,6 @@ def machine() -> dict:
 
 
 def save(name: str, payload: dict) -> Path:
-    payload = {"benchmark": name, "machine": machine(), **payload}
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT.parent)] + sys.argv[1:])
+    payload = {"benchmark": name, "machine": machine(), "command": command, **payload}
     return write_json(RESULTS / f"{name}.json", payload)

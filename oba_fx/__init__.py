@@ -7,6 +7,8 @@ Public API:
     parameter_scores(model, calibration, criterion="oba") -> {name: Tensor}
     group_scores(graph, calibration, criterion="oba") -> {group id: Tensor}
     hessian_blocks(graph) -> HessianBlocks
+    compress(model, example_inputs, calibration, target_flops=0.5) -> CompressResult
+    get_dataset("fashion-mnist"), train(...), evaluate(...), measure_latency(...)
 """
 from passes.dependency import Group, Member, UnknownOpWarning
 from passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
@@ -15,10 +17,13 @@ from passes.trace import TraceFailure
 
 from .compress import CompressResult, compress, evaluate_loss
 from .counting import count
+from .data import DATASETS, DatasetNotFound, DataSpec, get_dataset
 from .export import OnnxMismatch, export_onnx, load, save
 from .finetune import finetune
 from .graph import Graph, trace
+from .latency import measure_latency
 from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
+from .train import CheckpointError, evaluate, load_checkpoint, train
 from .unstructured import compress_unstructured, make_permanent, sparsity_report
 
 __version__ = "0.1.0"
@@ -30,4 +35,6 @@ __all__ = [
     "finetune", "compress_unstructured", "make_permanent", "sparsity_report",
     "save", "load", "export_onnx", "OnnxMismatch",
     "TraceFailure", "RewriteError", "UnknownOpWarning",
+    "get_dataset", "DataSpec", "DATASETS", "DatasetNotFound", "train", "evaluate", "load_checkpoint",
+    "CheckpointError", "measure_latency",
 ]

@@ -44,16 +44,23 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
-    """Load a module saved by :func:`oba_fx.save` (unpickles: trusted files only)."""
+def load(path: str | os.PathLike, map_location: Any = "cpu", with_meta: bool = False):
+    """Load a module saved by :func:`oba_fx.save` (unpickles: trusted files only).
+
+    Returns the module, or ``(module, meta)`` with ``with_meta=True``.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt archives raise many types
+        raise ValueError(f"{path} is not a readable oba_fx module file ({type(e).__name__}: {str(e)[:120]}); "
+                         "it may be truncated or corrupt") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an oba_fx module file (expected format {FORMAT}); "
                          "save it with oba_fx.save(model, path)")
-    return payload["module"]
+    return (payload["module"], dict(payload.get("meta") or {})) if with_meta else payload["module"]
 
 
 def _providers() -> list[str]:

@@ -65,6 +65,8 @@ def finetune(
         tqdm = None
     history = {"loss": [], "steps": 0}
     for epoch in range(epochs):
+        if hasattr(train_data, "set_epoch"):  # seeded loaders (oba_fx.data): a fresh order each epoch
+            train_data.set_epoch(epoch)
         model.train()
         it = train_data
         if progress and tqdm is not None:

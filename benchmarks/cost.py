@@ -4,7 +4,7 @@ Each (model, criterion) runs in a fresh subprocess so its peak RSS is its own.
 Writes benchmarks/results/scoring_cost.json; BENCHMARKS.md is generated from it
 by ``python benchmarks/report.py``.
 
-    python benchmarks/bench_scoring.py [--batches 3] [--models resnet32 vit_small]
+    python benchmarks/cost.py [--batches 3] [--models resnet32 vit_small resnet50 vit_b_16] [--smoke]
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ CRITERIA = ["fwd+bwd", "taylor", "oba", "oba-network", "oba-gn", "oba-k3", "obd 
 MODELS = {
     "resnet32": dict(kw={"in_channels": 3}, shape=(3, 32, 32), batch=128),
     "vit_small": dict(kw={"in_channels": 3, "img_size": 32}, shape=(3, 32, 32), batch=128),
+    "resnet50": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True),
+    "vit_b_16": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True),
 }
+SMOKE = {"resnet20": dict(kw={"in_channels": 1}, shape=(1, 28, 28), batch=4)}
 
 
 def _rss_mb() -> float:
@@ -36,9 +39,13 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
     import oba_fx
     from passes.curvature import curvature
 
-    spec = MODELS[model_name]
+    spec = {**MODELS, **SMOKE}[model_name]
     torch.manual_seed(0)
-    model = models_zoo.create(model_name, **spec["kw"]).eval()
+    if spec.get("torchvision"):
+        import torchvision
+        model = getattr(torchvision.models, model_name)(**spec["kw"]).eval()
+    else:
+        model = models_zoo.create(model_name, **spec["kw"]).eval()
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(spec["batch"], *spec["shape"], generator=gen), torch.randint(0, 10, (spec["batch"],),
                                                                                         generator=gen))
@@ -72,6 +79,7 @@ def main():
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--criteria", nargs="+", default=CRITERIA)
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny model (CI); writes nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CRITERION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -81,6 +89,8 @@ def main():
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = lambda x, **k: x  # noqa: E731
+    if args.smoke:
+        args.models, args.batches = list(SMOKE), 1
     rows = []
     jobs = [(m, c) for m in args.models for c in args.criteria]
     for m, c in tqdm(jobs, desc="scoring cost"):
@@ -97,10 +107,17 @@ def main():
                 r["time_vs_fwd_bwd"] = r["seconds_per_batch"] / base["seconds_per_batch"]
                 r["extra_peak_mb"] = r["peak_rss_mb"] - r["rss_after_setup_mb"]
                 r["extra_peak_vs_fwd_bwd"] = r["extra_peak_mb"] / max(base["peak_rss_mb"] - base["rss_after_setup_mb"], 1e-9)
+    if args.smoke:
+        bad = [r for r in rows if "error" in r]
+        if bad:
+            raise SystemExit(f"smoke run failed: {bad}")
+        print(f"smoke ok: {len(rows)} rows")
+        return
     path = save("scoring_cost", {
-        "description": "seconds and peak RSS per calibration batch (batch 128, float32, CPU) relative to one "
+        "description": "seconds and peak RSS per calibration batch (float32, CPU) relative to one "
                        "forward+backward of the same batch; each row is a separate process",
         "batch_size": {m: MODELS[m]["batch"] for m in args.models},
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "batches_timed": args.batches,
         "rows": rows,
     })

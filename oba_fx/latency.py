@@ -1,0 +1,107 @@
+"""Latency of models in PyTorch eager and onnxruntime: medians of repeated, interleaved runs."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["measure_latency"]
+
+
+def _ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: str, threads: int):
+    import onnxruntime as ort
+
+    from .export import _providers, export_onnx
+
+    path = export_onnx(model, example, folder / f"{name}.onnx")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=_providers())
+
+
+def measure_latency(
+    models: dict[str, nn.Module],
+    input_shape: Iterable[int],
+    batch_sizes: Iterable[int] = (1, 32),
+    repeats: int = 30,
+    warmup: int = 3,
+    onnx: bool = True,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Median latency (ms) of each model per backend and batch size.
+
+    Runs are interleaved: every repeat times each model once in turn, so drift
+    in machine load hits all models alike.  Inputs are random normal.
+
+    Args:
+        models: name -> module (run in eval mode under ``torch.no_grad``).
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        onnx: also export each model (verified, see ``oba_fx.export_onnx``) and
+            time it in onnxruntime.
+        threads: torch and onnxruntime intra-op threads (default torch's).
+
+    Returns:
+        ``{"rows": [{"model", "backend", "batch", "median_ms", "p10_ms", "p90_ms", "runs"}],
+        "threads": n}``; when ``models`` has "original", each row also has
+        ``speedup`` = original's median / this median on the same backend and batch.
+    """
+    input_shape = tuple(int(v) for v in input_shape)
+    threads = threads or torch.get_num_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    for m in models.values():
+        m.eval()
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions = {}
+            if onnx:
+                for name, m in models.items():
+                    sessions[name] = _ort_session(m, torch.randn(2, *input_shape), Path(tmp), name, threads)
+            backends = ["pytorch"] + (["onnxruntime"] if onnx else [])
+            jobs = [(b, bs) for bs in batch_sizes for b in backends]
+            it = jobs
+            if progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(jobs, desc="latency", leave=False)
+            for backend, bs in it:
+                x = torch.randn(bs, *input_shape)
+                xn = x.numpy()
+                runners = {}
+                for name, m in models.items():
+                    if backend == "pytorch":
+                        runners[name] = (lambda m=m: m(x))
+                    else:
+                        sess = sessions[name]
+                        feed = {sess.get_inputs()[0].name: xn}
+                        runners[name] = (lambda s=sess, f=feed: s.run(None, f))
+                times = {name: [] for name in models}
+                with torch.no_grad():
+                    for _ in range(warmup):
+                        for run in runners.values():
+                            run()
+                    for _ in range(repeats):
+                        for name, run in runners.items():
+                            t = time.perf_counter()
+                            run()
+                            times[name].append((time.perf_counter() - t) * 1e3)
+                for name, ts in times.items():
+                    q = statistics.quantiles(ts, n=10) if len(ts) > 1 else [ts[0]] * 9
+                    rows.append({"model": name, "backend": backend, "batch": bs, "median_ms": statistics.median(ts),
+                                 "p10_ms": q[0], "p90_ms": q[-1], "runs": len(ts)})
+    finally:
+        torch.set_num_threads(old_threads)
+    if "original" in models:
+        base = {(r["backend"], r["batch"]): r["median_ms"] for r in rows if r["model"] == "original"}
+        for r in rows:
+            r["speedup"] = base[(r["backend"], r["batch"])] / r["median_ms"]
+    return {"rows": rows, "threads": threads, "repeats": repeats, "input_shape": list(input_shape)}
