@@ -22,6 +22,8 @@ def _ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: st
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # no busy-waiting between runs: with interleaved sessions a spinning pool would steal the cores of the next one
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), so, providers=_providers())
 

@@ -332,6 +332,14 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     if "T3" in want:
         return _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn, user_loss, want, bi)
     results: dict[str, dict[str, torch.Tensor]] = {}
+    if set(want) == {"g"}:  # first order only: a plain forward and backward, no dual numbers
+        with torch.enable_grad():
+            out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+            loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results["g"] = {n: torch.zeros_like(l) if gr is None else gr.detach() for n, gr, l in zip(names, grads, leaves)}
+        _check_finite(results["g"], "the gradient", bi)
+        return float(loss.detach()), results
     with fwAD.dual_level():
         duals = [fwAD.make_dual(leaf, direction[n].to(leaf.dtype)) for leaf, n in zip(leaves, names)]
         out = _output_tensor(functional_call(model, dict(zip(names, duals)), inputs), bi)
