@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from .cifar_resnet import resnet20, resnet32, resnet56
-from .vgg import vgg19_bn
+from .vgg import vgg19_bn, vgg_small
 from .vit import vit_small
 
 __all__ = ["ZOO", "create", "names"]
@@ -23,6 +23,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet32": resnet32,
     "resnet56": resnet56,
     "vgg19_bn": vgg19_bn,
+    "vgg_small": vgg_small,
     "vit_small": vit_small,
 }
 

@@ -170,7 +170,9 @@ def compress(
         calibration: iterable of (inputs, targets) batches; a DataLoader works.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameters to keep (instead of FLOPs).
-        criterion: a name from ``oba_fx.CRITERIA``.
+        criterion: a name from ``oba_fx.CRITERIA``, or a callable
+            ``criterion(graph, batches) -> {group id: per-channel scores}`` (signed
+            predicted loss changes, ranked like the built-in ones).
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``; default cross-entropy.
         steps: >1 prunes iteratively, re-tracing and re-scoring after each step.
         scope: "global" (one ranking over all groups) or "local" (the same
@@ -206,8 +208,9 @@ def compress(
     target = float(target)
     if not (0 < target <= 1) or math.isnan(target):
         raise ValueError(f"target_{measure}={target} must be a fraction of the original in (0, 1], e.g. 0.5")
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion '{criterion}'; choose from {', '.join(CRITERIA)}")
+    if not callable(criterion) and criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion '{criterion}'; choose from {', '.join(CRITERIA)}, or pass a callable "
+                         "criterion(graph, batches) -> {group id: per-channel predicted loss change}")
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -268,7 +271,15 @@ def compress(
             )
         batches = stream.next()
         t0 = time.perf_counter()
-        scores = group_scores(graph, batches, criterion, loss_fn, probes=probes, seed=seed + step, progress=progress)
+        if callable(criterion):
+            scores = {int(k): torch.as_tensor(v, dtype=torch.float64) for k, v in criterion(graph, batches).items()}
+            bad = [g.id for g in groups if g.id not in scores or scores[g.id].shape != (g.size,)]
+            if bad:
+                raise ValueError(f"criterion callable must return one score per channel for every prunable group; "
+                                 f"missing or mis-shaped for group ids {bad[:8]}")
+        else:
+            scores = group_scores(graph, batches, criterion, loss_fn, probes=probes, seed=seed + step,
+                                  progress=progress)
         t_score = time.perf_counter() - t0
         importance = rank_scores(scores, signed=signed, normalize=normalize)
         t0 = time.perf_counter()
@@ -354,7 +365,7 @@ def compress(
         current.train(model.training)
     flops1, params1 = count(current, args)
     report = {
-        "criterion": criterion,
+        "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
         "scope": scope,
         "steps": steps,
         "target": {measure: target},

@@ -1,0 +1,172 @@
+"""Paper-style accuracy table: accuracy after pruning + the same fine-tuning budget, per criterion.
+
+FLOPs targets 50/30/14%, criteria oba, oba-network, group-exact, taylor, obd,
+magnitude, random, one-shot and iterative (steps=5), seeds 0..2 (a seed picks
+the calibration sample, the fine-tuning data order and the random criterion's
+draw; the trained model is the same).  Every run gets the same fine-tuning
+budget: ``--finetune-epochs`` epochs over ``--finetune-samples`` training
+images (split evenly across the steps of an iterative run), SGD + cosine + KD
+from the original.  Runs on Fashion-MNIST with models trained by this project
+(``models_zoo.trained``); with ``--cifar DIR`` it also runs on CIFAR-10 (models
+trained here first, which takes long on a CPU).
+
+    python benchmarks/accuracy.py [--models resnet20] [--seeds 0 1 2] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+from common import save
+
+import oba_fx  # noqa: E402
+
+CRITERIA = ["oba", "oba-network", "group-exact", "taylor", "obd", "magnitude", "random"]
+
+
+@functools.lru_cache(maxsize=4)
+def _subset(name, data, n):
+    return oba_fx.get_dataset(name, data, limit_train=n)
+
+
+def run_one(model, spec, calib_seed, target, criterion, steps, args, test):
+    calib = spec.calibration(args.calib_batches * steps, args.calib_batch_size, seed=calib_seed)
+    sub = _subset(spec.name, args.data, args.finetune_samples) if spec.name == "fashion-mnist" else spec
+    train = sub.train(128, seed=calib_seed + 1)
+    per_step = args.finetune_epochs / steps
+
+    def ft(m, step):
+        # the same total budget for one-shot and iterative: epochs are split over the steps
+        epochs = int(round(per_step * step)) - int(round(per_step * (step - 1)))
+        if epochs:
+            oba_fx.finetune(m, train, epochs=epochs, lr=args.lr, teacher=model, progress=False)
+
+    if steps > 1 and args.finetune_epochs % steps:
+        # fractional epochs per step: fine-tune once at the end instead
+        def ft(m, step):  # noqa: F811
+            if step == steps:
+                oba_fx.finetune(m, train, epochs=args.finetune_epochs, lr=args.lr, teacher=model, progress=False)
+    kw = {"probes": 8} if criterion == "group-exact" else {}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = oba_fx.compress(model, calib[0][0][:2], calib, target_flops=target, criterion=criterion, steps=steps,
+                              batches_per_step=args.calib_batches, finetune=ft if args.finetune_epochs else None,
+                              seed=calib_seed, progress=False, **kw)
+    ev = oba_fx.evaluate(res.model, test)
+    return {"accuracy": ev["accuracy"], "loss": ev["loss"], "flops_ratio": res.report["flops"]["ratio"],
+            "params_ratio": res.report["params"]["ratio"], "seconds": time.perf_counter() - t0}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet32", "vit_small"])
+    ap.add_argument("--criteria", nargs="+", default=CRITERIA)
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3, 0.14])
+    ap.add_argument("--modes", nargs="+", default=["one-shot", "iterative"], choices=["one-shot", "iterative"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--finetune-samples", type=int, default=10000)
+    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--calib-batch-size", type=int, default=64)
+    ap.add_argument("--test-samples", type=int, default=10000)
+    ap.add_argument("--data", help="Fashion-MNIST folder")
+    ap.add_argument("--cifar", help="a CIFAR-10 folder: also run on CIFAR-10")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long run: random weights, synthetic data")
+    args = ap.parse_args()
+    if args.smoke:
+        return smoke()
+    import models_zoo
+
+    spec = oba_fx.get_dataset("fashion-mnist", args.data, limit_test=args.test_samples)
+    test = spec.test(512)
+    rows, raw = [], []
+    datasets = [("fashion-mnist", spec, test)]
+    if args.cifar:
+        cs = oba_fx.get_dataset("cifar10", args.cifar, limit_test=args.test_samples)
+        datasets.append(("cifar10", cs, cs.test(512)))
+    for ds_name, ds, ds_test in datasets:
+        for name in args.models:
+            if ds_name == "fashion-mnist":
+                model = models_zoo.trained(name, data=args.data)
+            else:
+                model = _train_cifar(name, ds)
+            base = oba_fx.evaluate(model, ds_test)
+            print(f"== {ds_name} {name}: original accuracy {base['accuracy']:.4f}", flush=True)
+            rows.append({"dataset": ds_name, "model": name, "criterion": "original", "mode": "-", "target_flops": 1.0,
+                         "accuracy_mean": base["accuracy"], "accuracy_std": 0.0, "seeds": 1})
+            for target, mode, crit in itertools.product(args.targets, args.modes, args.criteria):
+                steps = 5 if mode == "iterative" else 1
+                accs, rs = [], []
+                for seed in args.seeds:
+                    r = run_one(model, ds, seed, target, crit, steps, args, ds_test)
+                    r.update(dataset=ds_name, model=name, criterion=crit, mode=mode, target_flops=target, seed=seed)
+                    raw.append(r)
+                    accs.append(r["accuracy"])
+                    rs.append(r)
+                row = {"dataset": ds_name, "model": name, "criterion": crit, "mode": mode, "target_flops": target,
+                       "accuracy_mean": statistics.mean(accs),
+                       "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
+                       "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rs)}
+                rows.append(row)
+                print(f"  {target:.0%} {mode:>9} {crit:>12}: {100 * row['accuracy_mean']:.2f} ± "
+                      f"{100 * row['accuracy_std']:.2f}", flush=True)
+                save("accuracy", _payload(args, rows, raw, partial=True))
+    path = save("accuracy", _payload(args, rows, raw, partial=False))
+    print("wrote", path)
+
+
+def _payload(args, rows, raw, partial):
+    return {"description": "test accuracy after pruning to a FLOPs target and the same fine-tuning budget "
+                           f"({args.finetune_epochs} epoch(s) over {args.finetune_samples} training images, KD from "
+                           "the original), mean ± std over seeds",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("smoke",)}, "partial": partial,
+            "rows": rows, "runs": raw}
+
+
+def _train_cifar(name, spec):
+    import models_zoo
+
+    torch.manual_seed(0)
+    kw = {"in_channels": 3, "num_classes": spec.num_classes, **({"img_size": 32} if name.startswith("vit") else {})}
+    model = models_zoo.create(name, **kw)
+    oba_fx.train(model, spec.train(128), 30, lr=0.1)
+    return model.eval()
+
+
+def smoke():
+    import models_zoo
+
+    class _Spec:  # synthetic stand-in for a DataSpec
+        name = "synthetic"
+
+        def calibration(self, b, bs, seed):
+            g = torch.Generator().manual_seed(seed)
+            return [(torch.randn(bs, 1, 28, 28, generator=g), torch.randint(0, 10, (bs,), generator=g))
+                    for _ in range(b)]
+
+        def train(self, bs, seed=0):
+            return self.calibration(2, bs, seed + 100)
+
+    spec = _Spec()
+    torch.manual_seed(0)
+    model = models_zoo.create("resnet20", in_channels=1).eval()
+    args = argparse.Namespace(calib_batches=1, calib_batch_size=8, finetune_epochs=1, finetune_samples=16, lr=0.01,
+                              data=None)
+    test = spec.calibration(1, 16, 999)
+    for crit, steps in (("oba", 1), ("random", 2)):
+        r = run_one(model, spec, 0, 0.5, crit, steps, args, test)
+        assert abs(r["flops_ratio"] - 0.5) < 0.02, r
+    print("smoke ok")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
