@@ -90,7 +90,7 @@ def main():
     except ImportError:  # pragma: no cover
         tqdm = lambda x, **k: x  # noqa: E731
     if args.smoke:
-        args.models, args.batches = list(SMOKE), 1
+        args.models, args.batches, args.criteria = list(SMOKE), 1, ["fwd+bwd", "oba", "oba-network"]
     rows = []
     jobs = [(m, c) for m in args.models for c in args.criteria]
     for m, c in tqdm(jobs, desc="scoring cost"):
