@@ -80,6 +80,9 @@ def main():
     ap.add_argument("--test-samples", type=int, default=10000)
     ap.add_argument("--data", help="Fashion-MNIST folder")
     ap.add_argument("--cifar", help="a CIFAR-10 folder: also run on CIFAR-10")
+    ap.add_argument("--append", action="store_true",
+                    help="add to benchmarks/results/accuracy.json instead of replacing it (rows of the same "
+                         "dataset/model/criterion/mode/target are replaced)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: random weights, synthetic data")
     args = ap.parse_args()
     if args.smoke:
@@ -88,7 +91,16 @@ def main():
 
     spec = oba_fx.get_dataset("fashion-mnist", args.data, limit_test=args.test_samples)
     test = spec.test(512)
-    rows, raw = [], []
+    rows, raw, commands = [], [], []
+    if args.append:
+        import json
+
+        from common import RESULTS
+
+        old = json.loads((RESULTS / "accuracy.json").read_text())
+        rows, raw = old["rows"], old["runs"]
+        commands = old.get("commands", [old.get("command", "")])
+    args._commands = commands
     datasets = [("fashion-mnist", spec, test)]
     if args.cifar:
         cs = oba_fx.get_dataset("cifar10", args.cifar, limit_test=args.test_samples)
@@ -101,6 +113,8 @@ def main():
                 model = _train_cifar(name, ds)
             base = oba_fx.evaluate(model, ds_test)
             print(f"== {ds_name} {name}: original accuracy {base['accuracy']:.4f}", flush=True)
+            rows = [x for x in rows if not (x["dataset"] == ds_name and x["model"] == name
+                                            and x["criterion"] == "original")]
             rows.append({"dataset": ds_name, "model": name, "criterion": "original", "mode": "-", "target_flops": 1.0,
                          "accuracy_mean": base["accuracy"], "accuracy_std": 0.0, "seeds": 1})
             for target, mode, crit in itertools.product(args.targets, args.modes, args.criteria):
@@ -112,6 +126,11 @@ def main():
                     raw.append(r)
                     accs.append(r["accuracy"])
                     rs.append(r)
+                key = (ds_name, name, crit, mode, target)
+                rows = [x for x in rows if (x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"])
+                        != key]
+                raw = [x for x in raw if (x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"])
+                       != key or x in rs]
                 row = {"dataset": ds_name, "model": name, "criterion": crit, "mode": mode, "target_flops": target,
                        "accuracy_mean": statistics.mean(accs),
                        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
@@ -128,7 +147,8 @@ def _payload(args, rows, raw, partial):
     return {"description": "test accuracy after pruning to a FLOPs target and the same fine-tuning budget "
                            f"({args.finetune_epochs} epoch(s) over {args.finetune_samples} training images, KD from "
                            "the original), mean ± std over seeds",
-            "settings": {k: v for k, v in vars(args).items() if k not in ("smoke",)}, "partial": partial,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("smoke", "_commands", "append")},
+            "partial": partial, "commands": args._commands + ["python " + " ".join(sys.argv)],
             "rows": rows, "runs": raw}
 
 

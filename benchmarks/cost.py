@@ -24,8 +24,10 @@ CRITERIA = ["fwd+bwd", "taylor", "oba", "oba-network", "oba-gn", "oba-k3", "obd 
 MODELS = {
     "resnet32": dict(kw={"in_channels": 3}, shape=(3, 32, 32), batch=128),
     "vit_small": dict(kw={"in_channels": 3, "img_size": 32}, shape=(3, 32, 32), batch=128),
-    "resnet50": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True),
-    "vit_b_16": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True),
+    "resnet50": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True, classes=1000,
+                     criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher"]),
+    "vit_b_16": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True, classes=1000,
+                     criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher"]),
 }
 SMOKE = {"resnet20": dict(kw={"in_channels": 1}, shape=(1, 28, 28), batch=4)}
 
@@ -47,7 +49,7 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
     else:
         model = models_zoo.create(model_name, **spec["kw"]).eval()
     gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(spec["batch"], *spec["shape"], generator=gen), torch.randint(0, 10, (spec["batch"],),
+    data = [(torch.randn(spec["batch"], *spec["shape"], generator=gen), torch.randint(0, spec.get("classes", 10), (spec["batch"],),
                                                                                         generator=gen))
             for _ in range(batches + 1)]
     graph = oba_fx.trace(model, data[0][0][:2]) if criterion.startswith("group-exact") else None
@@ -92,7 +94,9 @@ def main():
     if args.smoke:
         args.models, args.batches, args.criteria = list(SMOKE), 1, ["fwd+bwd", "oba", "oba-network"]
     rows = []
-    jobs = [(m, c) for m in args.models for c in args.criteria]
+    # the ImageNet-size models run the main criteria only (each of the others costs minutes per batch on a CPU)
+    jobs = [(m, c) for m in args.models for c in args.criteria
+            if args.smoke or c in {**MODELS, **SMOKE}[m].get("criteria", args.criteria)]
     for m, c in tqdm(jobs, desc="scoring cost"):
         out = subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--worker", m, c],
                              capture_output=True, text=True)
