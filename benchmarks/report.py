@@ -112,10 +112,11 @@ def accuracy(d: dict) -> list[str]:
 def speedup(d: dict) -> list[str]:
     out = ["## Speed-up of slimmed models", "", d["description"] + ".", "", f"Machine: {_machine(d['machine'])}", "",
            f"Command: `{d.get('command', '')}`", "",
-           "| model | variant | FLOPs | backend | batch | median ms | speed-up | speed-up / FLOPs reduction |",
-           "|---|---|---:|---|---:|---:|---:|---:|"]
+           "| model | variant | FLOPs | params | backend | batch | median ms | speed-up | speed-up / FLOPs reduction |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in d["rows"]:
-        out.append(f"| {r['model']} | {r['variant']} | {r['flops_ratio']:.1%} | {r['backend']} | {r['batch']} | "
+        out.append(f"| {r['model']} | {r['variant']} | {r['flops_ratio']:.1%} | {r['params_ratio']:.1%} | "
+                   f"{r['backend']} | {r['batch']} | "
                    f"{r['median_ms']:.2f} | {r['speedup']:.2f}× | {r['speedup_vs_flops']:.2f} |")
     out += ["", "Target (issue 6): speed-up ≥ 0.85 × the FLOPs reduction on resnet50 (≥ 1.7× at 50% FLOPs).", ""]
     return out
