@@ -10,18 +10,19 @@ import torch.nn as nn
 
 import models_zoo
 
-ZOO_NAMES = ["resnet20", "resnet32", "resnet56", "vgg19_bn", "vit_small"]
+ZOO_NAMES = ["resnet20", "resnet32", "resnet56", "vgg19_bn", "vgg_small", "vit_small"]
 CONFIGS = [(1, 28), (3, 32)]  # (in_channels, image size): Fashion-MNIST and CIFAR
 
 # Measured parameter counts (3-channel input, 10 classes) are
 # resnet20 272,474  resnet32 466,906  resnet56 855,770 (option-A paper counts
 # 0.27M / 0.46M / 0.85M plus 2,752 for the two 1x1 projection shortcuts),
-# vgg19_bn 20,035,018 and vit_small 2,693,578.
+# vgg19_bn 20,035,018, vgg_small 288,746 and vit_small 2,693,578.
 PARAM_RANGES = {
     "resnet20": (0.26e6, 0.29e6),
     "resnet32": (0.45e6, 0.48e6),
     "resnet56": (0.84e6, 0.87e6),
     "vgg19_bn": (19.5e6, 20.5e6),
+    "vgg_small": (0.28e6, 0.30e6),
     "vit_small": (2.6e6, 2.8e6),
 }
 
