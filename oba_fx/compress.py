@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from passes import distributed as _dist
 from passes.curvature import CalibrationError, default_loss, scoring_mode, split_batch, _to
 from passes.rewrite import rewrite
 from passes.trace import TracedGraph, as_args
@@ -48,6 +49,7 @@ class CompressResult:
     report: dict = field(default_factory=dict)
 
 
+@_dist.accepts_process_group
 def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None) -> float:
     """Mean loss over ``batches`` in eval mode (mode restored, buffers untouched)."""
     loss_fn = loss_fn or default_loss
@@ -55,11 +57,14 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
     device = next(model.parameters()).device
     with scoring_mode(model), torch.no_grad():
         for bi, batch in enumerate(batches):
+            if not _dist.mine(bi):
+                continue
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
             b = int(inputs[0].shape[0])
             total += float(loss_fn(model(*inputs), targets)) * b
             n += b
+    total, n = _dist.all_reduce_values(total, n)
     if n == 0:
         raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
     return total / n
@@ -138,6 +143,7 @@ def _frozen_summary(graph: Graph, limit: int = 8) -> str:
     return "\n".join(lines) if lines else "  (no groups at all)"
 
 
+@_dist.accepts_process_group
 def compress(
     model: nn.Module,
     example_inputs: Any,

@@ -9,11 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from passes import distributed as _dist
 from passes.curvature import _to, default_loss, split_batch
 
 __all__ = ["finetune"]
 
 
+@_dist.accepts_process_group
 def finetune(
     model: nn.Module,
     train_data: Iterable,
@@ -54,7 +56,16 @@ def finetune(
         raise ValueError("train_data is empty: give at least one (inputs, targets) batch")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-    total = max(1, epochs * n_batches)
+    ctx = _dist.current()
+    net = model
+    per_rank = _dist.steps_per_rank(n_batches)  # equal step counts on every rank (DDP needs them)
+    if ctx is not None and ctx.world > 1:
+        if per_rank == 0:
+            raise ValueError(f"train_data has {n_batches} batches for {ctx.world} ranks: give at least one per rank")
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, process_group=ctx.group)
+    total = max(1, epochs * per_rank)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     device = next(model.parameters()).device
     if teacher is not None:
@@ -67,15 +78,19 @@ def finetune(
     for epoch in range(epochs):
         if hasattr(train_data, "set_epoch"):  # seeded loaders (oba_fx.data): a fresh order each epoch
             train_data.set_epoch(epoch)
-        model.train()
+        net.train()
         it = train_data
         if progress and tqdm is not None:
             it = tqdm(train_data, total=n_batches, desc=f"finetune epoch {epoch + 1}/{epochs}", leave=False)
         running, seen = 0.0, 0
+        taken = 0
         for bi, batch in enumerate(it):
+            if not _dist.mine(bi) or taken >= per_rank:
+                continue
+            taken += 1
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
-            out = model(*inputs)
+            out = net(*inputs)
             loss = loss_fn(out, targets)
             if teacher is not None:
                 with torch.no_grad():
@@ -98,6 +113,12 @@ def finetune(
             if progress and tqdm is not None:
                 it.set_postfix(loss=f"{running / max(seen, 1):.4f}")
         history["loss"].append(running / max(seen, 1))
+    if net is not model:  # DDP syncs buffers at each forward; the last update is per rank: take rank 0's
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b, src=dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0,
+                           group=ctx.group)
     model.eval()
     from .unstructured import _refresh
 

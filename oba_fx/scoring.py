@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from passes import distributed as _dist
 from passes.curvature import (CalibrationError, _check_targets, _to, composite_norms, curvature, default_loss,
                               scoring_mode, split_batch)
 
@@ -62,6 +63,7 @@ def _check_criterion(criterion: str) -> None:
         raise ValueError(f"unknown criterion '{criterion}'{hint}; choose from {', '.join(CRITERIA)}")
 
 
+@_dist.accepts_process_group
 def parameter_scores(
     model: nn.Module,
     calibration: Iterable,
@@ -148,6 +150,8 @@ def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chun
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk)
     with scoring_mode(model):
         for bi, batch in enumerate(calibration):
+            if not _dist.mine(bi):
+                continue
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
             if loss_fn is default_loss:
@@ -167,6 +171,9 @@ def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chun
                     raise CalibrationError(f"batch {bi}: per-sample gradient of {n} is not finite")
                 acc[n] += (gs[n].to(torch.float64) ** 2).sum(0)
             count += int(targets.shape[0])
+    if _dist.current() is not None:
+        _dist.all_reduce_(acc.values())
+        (count,) = _dist.all_reduce_values(count, device=device)
     if count == 0:
         raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
     return {n: v / count for n, v in acc.items()}
@@ -189,6 +196,7 @@ def _reduce_to_channels(group, per_param: dict[str, torch.Tensor]) -> torch.Tens
     return out
 
 
+@_dist.accepts_process_group
 def group_scores(
     graph,
     calibration: Iterable,
@@ -329,6 +337,7 @@ def _channel_maps(graph, names):
     return maps
 
 
+@_dist.accepts_process_group
 def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=64, seed=0, progress=True):
     """g_Sδ_S + ½ δ_SᵀH_SSδ_S for each channel S of each prunable group, alone.
 
@@ -404,6 +413,7 @@ def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk
     with scoring_mode(model), composite_norms():
         batches = list(enumerate(calibration))
         bar = tqdm(total=len(batches) * len(groups), desc="group-exact (vmap)", leave=False) if progress and tqdm else None
+        batches = [(bi, b) for bi, b in batches if _dist.mine(bi)]
         for bi, batch in batches:
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
@@ -430,6 +440,9 @@ def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk
             total += n
         if bar:
             bar.close()
+    if _dist.current() is not None:
+        _dist.all_reduce_(out.values())
+        (total,) = _dist.all_reduce_values(total)
     if total == 0:
         raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
     return {k: v / total for k, v in out.items()}

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
+from passes import distributed as _dist
 from passes.curvature import CalibrationError
 
 from .compress import CompressResult, _Stream
@@ -71,6 +72,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
+@_dist.accepts_process_group
 def compress_unstructured(
     model: nn.Module,
     calibration: Iterable,

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from passes import distributed as _dist
+
 __all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES"]
 
 QUANTITIES = ("g", "H", "G", "F", "T3")
@@ -200,6 +202,7 @@ def _resolve_params(model: nn.Module, params: Sequence[str] | None) -> dict[str,
     return {n: all_params[n] for n in params}
 
 
+@_dist.accepts_process_group
 def curvature(
     model: nn.Module,
     calibration: Iterable,
@@ -264,6 +267,8 @@ def curvature(
     use = backend
     with scoring_mode(model), torch.enable_grad():
         for bi, batch in enumerate(it):
+            if not _dist.mine(bi):
+                continue
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
             n = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim else 1
@@ -285,6 +290,10 @@ def curvature(
                     acc[q][name].add_(v.to(torch.float64), alpha=n)
             res.n_samples += n
             res.batches += 1
+    if _dist.current() is not None:  # sums over all ranks' shards, in float64
+        _dist.all_reduce_([acc[q][name] for q in want for name in names])
+        n_all, loss_all, b_all = _dist.all_reduce_values(res.n_samples, total_loss, res.batches, device=device)
+        res.n_samples, total_loss, res.batches = int(round(n_all)), loss_all, int(round(b_all))
     if res.n_samples == 0:
         raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
     for q in want:
