@@ -27,8 +27,26 @@ class UserError(Exception):
 
 # --------------------------------------------------------------------------- helpers
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPU, else gloo); returns True, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _fraction(value: float, what: str) -> float:
@@ -276,6 +294,7 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
         raise UserError(f"{checkpoint} does not record its dataset; pass --dataset")
     spec = _dataset(dataset, data, args)
     shape = _shape_of(info, spec)
+    pg = _init_distributed()  # torchrun: every rank scores its shard; rank 0 writes
     out.mkdir(parents=True, exist_ok=True)
     test = spec.test(512)
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
@@ -291,7 +310,8 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
 
     def after_step(m, step):
         if finetune_epochs:
-            oba_fx.finetune(m, train_data, epochs=finetune_epochs, lr=lr, teacher=teacher)
+            oba_fx.finetune(m, train_data, epochs=finetune_epochs, lr=lr, teacher=teacher, process_group=pg,
+                            progress=_rank() == 0)
         ev = evaluate(m, test, progress=True)
         f, p = oba_fx.count(m, example[:1])
         records.append({"step": step, "accuracy": ev["accuracy"], "loss": ev["loss"], "flops": f, "params": p,
@@ -302,13 +322,15 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     _log(f"compressing to {target_flops:.0%} FLOPs with '{criterion}' in {steps} step(s), scope {scope}")
     res = oba_fx.compress(model, example, calib, target_flops=target_flops, criterion=criterion, steps=steps,
                           scope=scope, round_to=round_to, finetune=after_step, batches_per_step=calib_batches,
-                          seed=seed)
+                          seed=seed, process_group=pg, progress=_rank() == 0)
     slim = res.model
     flops1, params1 = oba_fx.count(slim, example[:1])
     after = {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"], "flops": flops1, "params": params1}
     meta = {"dataset": spec.name, "input_shape": list(shape), "num_classes": spec.num_classes,
             "name": f"{info.get('name', 'model')}-slim", "source": str(checkpoint), "criterion": criterion,
             "target_flops": target_flops}
+    if _rank() != 0:  # every rank holds the identical slimmed model; rank 0 writes the files
+        return {"report": None, "model": slim, "original": model, "input_shape": shape}
     oba_fx.save(slim, out / "model.pt", meta=meta)
     onnx_path = oba_fx.export_onnx(slim, example, out / "model.onnx")
     report = {

@@ -167,6 +167,7 @@ def compress(
     probes: int = 16,
     seed: int = 0,
     progress: bool = True,
+    micro_batch: int | None = None,
 ) -> CompressResult:
     """Structured pruning to a FLOPs (or parameter) target.
 
@@ -195,6 +196,8 @@ def compress(
         schedule: "geometric" (keep target^(s/S) after step s) or "linear".
         probes: probes for obd / group-exact.
         seed: seed for random / probe criteria.
+        micro_batch: split calibration batches into chunks of this many samples
+            while scoring (less memory, same scores for a per-sample mean loss).
 
     Returns:
         CompressResult with ``.model`` and ``.report``.
@@ -285,7 +288,7 @@ def compress(
                                  f"missing or mis-shaped for group ids {bad[:8]}")
         else:
             scores = group_scores(graph, batches, criterion, loss_fn, probes=probes, seed=seed + step,
-                                  progress=progress)
+                                  progress=progress, micro_batch=micro_batch)
         t_score = time.perf_counter() - t0
         importance = rank_scores(scores, signed=signed, normalize=normalize)
         t0 = time.perf_counter()

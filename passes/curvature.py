@@ -212,6 +212,7 @@ def curvature(
     params: Sequence[str] | None = None,
     progress: bool = True,
     backend: str = "auto",
+    micro_batch: int | None = None,
 ) -> Curvature:
     """One pass over ``calibration`` computing the requested products.
 
@@ -225,6 +226,9 @@ def curvature(
         params: names of scored parameters; default every floating parameter
             with ``requires_grad``.
         progress: show a tqdm bar.
+        micro_batch: split every calibration batch into chunks of at most this
+            many samples (less memory, same result for a per-sample mean loss such
+            as the default cross-entropy: chunks are weighted by their size).
         backend: "auto" (forward-over-reverse, double backward where an op has
             no forward AD), "fwad" or "double-backward".
 
@@ -271,24 +275,28 @@ def curvature(
                 continue
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
-            n = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim else 1
-            if use in ("auto", "fwad"):
-                try:
-                    out = _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi)
-                    use = "fwad"
-                except NotImplementedError as err:
-                    if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
-                        raise
-                    use = "double-backward"
-                    res.extra["fallback_reason"] = str(err).splitlines()[0]
-            if use == "double-backward":
-                out = _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi)
-            loss_value, results = out
-            total_loss += n * loss_value
-            for q, vals in results.items():
-                for name, v in vals.items():
-                    acc[q][name].add_(v.to(torch.float64), alpha=n)
-            res.n_samples += n
+            for inputs, targets in _micro(inputs, targets, micro_batch):
+                n = int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim else 1
+                if use in ("auto", "fwad"):
+                    try:
+                        with _clear_oom():
+                            out = _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi)
+                        use = "fwad"
+                    except NotImplementedError as err:
+                        if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
+                            raise
+                        use = "double-backward"
+                        res.extra["fallback_reason"] = str(err).splitlines()[0]
+                if use == "double-backward":
+                    with _clear_oom():
+                        out = _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, user_loss,
+                                                     want, bi)
+                loss_value, results = out
+                total_loss += n * loss_value
+                for q, vals in results.items():
+                    for name, v in vals.items():
+                        acc[q][name].add_(v.to(torch.float64), alpha=n)
+                res.n_samples += n
             res.batches += 1
     if _dist.current() is not None:  # sums over all ranks' shards, in float64
         _dist.all_reduce_([acc[q][name] for q in want for name in names])
@@ -303,6 +311,36 @@ def curvature(
     res.loss = total_loss / res.n_samples
     res.backend = "forward-over-reverse" if use == "fwad" else "double-backward"
     return res
+
+
+def _micro(inputs, targets, micro_batch):
+    """The batch itself, or its chunks of ``micro_batch`` samples along dim 0."""
+    if not micro_batch:
+        yield inputs, targets
+        return
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive int, got {micro_batch}")
+    n = int(inputs[0].shape[0])
+    for i in range(0, n, micro_batch):
+        sl = slice(i, i + micro_batch)
+        yield (tuple(x[sl] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == n else x for x in inputs),
+               targets[sl] if isinstance(targets, torch.Tensor) and targets.ndim else targets)
+
+
+@contextlib.contextmanager
+def _clear_oom():
+    """Turn an out-of-memory failure into an error that says what to do."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        text = str(err)
+        if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or \
+                "can't allocate memory" in text or "not enough memory" in text:
+            raise MemoryError(
+                "scoring ran out of memory. Lower the memory per step: micro_batch=K (splits each calibration "
+                "batch, same result), params=[...] to score a subset of layers, or smaller calibration batches. "
+                f"(original error: {text.splitlines()[0][:200] if text else type(err).__name__})") from err
+        raise
 
 
 def _loss_at_output(out_p, targets, loss_fn, user_loss, bi):

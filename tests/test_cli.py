@@ -269,3 +269,21 @@ def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("oba-fx: error:") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_torchrun_compress_matches_single_process(trained, fmnist_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m oba_fx compress ...` (gloo): same pruning decision, rank 0 writes."""
+    common = ["compress", trained, "--data", fmnist_dir, "--target-flops", "0.5", "--calib-batches", "4",
+              "--calib-batch-size", "16", "--finetune-epochs", "1"]
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+             OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29533", "-m", "oba_fx", *map(str, common), "--out", str(tmp_path / "dist")],
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_cli(*common, "--out", tmp_path / "single") == 0
+    dist_rep = json.loads((tmp_path / "dist" / "report.json").read_text())
+    single_rep = json.loads((tmp_path / "single" / "report.json").read_text())
+    assert (dist_rep["compress"]["step_reports"][0]["removed_channels"]
+            == single_rep["compress"]["step_reports"][0]["removed_channels"])
+    assert (tmp_path / "dist" / "model.onnx").exists()

@@ -95,3 +95,36 @@ def test_process_group_without_init_is_a_clear_error():
     model, cal = _setup()
     with pytest.raises(RuntimeError, match="init_process_group"):
         oba_fx.parameter_scores(model, cal, "oba", process_group=True, progress=False)
+
+
+# --------------------------------------------------------------------------- memory controls
+
+def test_micro_batching_gives_the_same_scores():
+    model, cal = _setup()
+    for crit in ("oba", "oba-network", "oba-gn", "taylor"):
+        full = oba_fx.parameter_scores(model, cal, crit, progress=False)
+        micro = oba_fx.parameter_scores(model, cal, crit, progress=False, micro_batch=2)
+        _close(micro, full, f"micro-batched {crit}")
+    graph = oba_fx.trace(model, cal[0][0][:2])
+    _close(oba_fx.group_scores(graph, cal, "oba", progress=False, micro_batch=3),
+           oba_fx.group_scores(graph, cal, "oba", progress=False), "micro-batched group scores")
+
+
+def test_scoring_a_subset_of_layers():
+    model, cal = _setup()
+    names = [n for n, _ in model.named_parameters()][:2]
+    sub = oba_fx.parameter_scores(model, cal, "oba", params=names, progress=False)
+    assert list(sub) == names
+
+
+def test_out_of_memory_names_the_fixes(monkeypatch):
+    import passes.curvature as cv
+
+    def boom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 123456789 bytes")
+
+    monkeypatch.setattr(cv, "_batch_fwad", boom)
+    model, cal = _setup()
+    with pytest.raises(MemoryError, match="micro_batch=K.*params="):
+        oba_fx.parameter_scores(model, cal, "oba", progress=False)
