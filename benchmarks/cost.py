@@ -27,7 +27,7 @@ MODELS = {
     "resnet50": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True, classes=1000,
                      criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher"]),
     "vit_b_16": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True, classes=1000,
-                     criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher"]),
+                     criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher", "oba (micro_batch 4)"]),
 }
 SMOKE = {"resnet20": dict(kw={"in_channels": 1}, shape=(1, 28, 28), batch=4)}
 
@@ -64,6 +64,9 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
             oba_fx.parameter_scores(model, batch_list, "obd", probes=1, progress=False)
         elif criterion == "group-exact (1 probe)":
             oba_fx.group_exact_scores(graph, batch_list, method="probes", probes=1, progress=False)
+        elif criterion.startswith("oba (micro_batch "):
+            k = int(criterion.split("micro_batch ")[1].rstrip(")"))
+            oba_fx.parameter_scores(model, batch_list, "oba", progress=False, micro_batch=k)
         elif criterion == "taylor":
             curvature(model, batch_list, want=("g",), progress=False)
         else:
@@ -81,6 +84,8 @@ def main():
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--criteria", nargs="+", default=CRITERIA)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of results/scoring_cost.json that this run does not measure")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny model (CI); writes nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CRITERION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -104,6 +109,13 @@ def main():
             rows.append({"model": m, "criterion": c, "error": out.stderr.strip().splitlines()[-1]})
             continue
         rows.append({"model": m, "criterion": c, **json.loads(out.stdout.strip().splitlines()[-1])})
+    if args.merge:
+        from common import RESULTS
+
+        old = json.loads((RESULTS / "scoring_cost.json").read_text())
+        done = {(r["model"], r["criterion"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["model"], r["criterion"]) not in done] + rows
+        args.models = list(dict.fromkeys([r["model"] for r in rows]))
     for m in args.models:
         base = next((r for r in rows if r["model"] == m and r["criterion"] == "fwd+bwd" and "error" not in r), None)
         for r in rows:
