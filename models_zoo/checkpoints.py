@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 __all__ = ["trained", "RECIPES", "cache_dir"]
@@ -38,16 +39,12 @@ def trained(name: str, epochs: int | None = None, *, seed: int = 0, data: str | 
     spec = oba_fx.get_dataset("fashion-mnist", data, limit_train=limit_train)
     tag = f"-n{limit_train}" if limit_train else ""
     path = cache_dir() / f"{name}-fmnist-e{epochs}-s{seed}{tag}.pt"
-    if path.exists():
-        ck = torch_load_epoch(path)
-        if ck == epochs:
-            model, _ = oba_fx.load_checkpoint(path)
-            return model
+    if path.exists() and _epochs_done(path) == epochs:
+        model, _ = oba_fx.load_checkpoint(path)
+        return model
     kw = {"in_channels": 1, "num_classes": 10}
     if name.startswith("vit"):
         kw["img_size"] = 28
-    import torch
-
     torch.manual_seed(seed)
     model = create(name, **kw)
     oba_fx.train(model, spec.train(128, seed=seed), epochs, lr=recipe["lr"], checkpoint=path,
@@ -57,9 +54,7 @@ def trained(name: str, epochs: int | None = None, *, seed: int = 0, data: str | 
     return model.eval()
 
 
-def torch_load_epoch(path: Path) -> int:
-    import torch
-
+def _epochs_done(path: Path) -> int:
     try:
         return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch", 0))
     except Exception:  # noqa: BLE001 - a damaged cache file is retrained

@@ -12,7 +12,22 @@ import torch.nn.functional as F
 from passes import distributed as _dist
 from passes.curvature import _to, default_loss, split_batch
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "optimizer_step", "cosine_lambda"]
+
+
+def cosine_lambda(total: int):
+    """LambdaLR factor: cosine from 1 to 0 over ``total`` steps."""
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+
+def optimizer_step(loss: torch.Tensor, opt, sched, where: str) -> None:
+    """Refuse a non-finite loss (naming ``where``), then backward, step and schedule."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: the loss became {loss.item()}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 @_dist.accepts_process_group
@@ -66,7 +81,7 @@ def finetune(
 
         net = DistributedDataParallel(model, process_group=ctx.group)
     total = max(1, epochs * per_rank)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
     device = next(model.parameters()).device
     if teacher is not None:
         teacher = teacher.eval()
@@ -99,13 +114,7 @@ def finetune(
                 kd = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t_out / T, -1), log_target=True,
                               reduction="batchmean") * T * T
                 loss = (1 - kd_alpha) * loss + kd_alpha * kd
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"finetune: loss became {loss.item()} at epoch {epoch + 1}, batch {bi}; "
-                                         "lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched, f"finetune epoch {epoch + 1}, batch {bi}")
             b = int(inputs[0].shape[0])
             running += float(loss.detach()) * b
             seen += b

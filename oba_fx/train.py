@@ -16,7 +16,6 @@ continues to the same final weights as an uninterrupted one.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 from passes.curvature import _to, default_loss, split_batch
 
+from .finetune import cosine_lambda, optimizer_step
 from .io import atomic_write
 
 __all__ = ["train", "evaluate", "load_checkpoint", "CHECKPOINT_FORMAT", "CheckpointError"]
@@ -70,7 +70,7 @@ def evaluate(model: nn.Module, data, loss_fn: Callable | None = None, progress: 
 
 def _schedule(opt, kind: str, total: int, lr: float):
     if kind == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        return torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
     if kind == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2), pct_start=0.25,
                                                    anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
@@ -159,13 +159,7 @@ def train(
             inputs, targets = _to(inputs, device), _to(targets, device)
             out = model(*inputs)
             loss = crit(out, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, batch {bi}; "
-                                         "lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched, f"training epoch {epoch + 1}, batch {bi}")
             b = int(targets.shape[0])
             loss_sum += float(loss.detach()) * b
             correct += int((out.detach().argmax(-1) == targets).sum())
