@@ -53,7 +53,10 @@ def run_one(model, spec, calib_seed, target, criterion, steps, args, test):
         def ft(m, step):  # noqa: F811
             if step == steps:
                 oba_fx.finetune(m, train, epochs=args.finetune_epochs, lr=args.lr, teacher=model, progress=False)
+    criterion, _, normalize = criterion.partition(":")
     kw = {"probes": 8} if criterion == "group-exact" else {}
+    if normalize:
+        kw["normalize"] = normalize
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,10 +86,17 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="add to benchmarks/results/accuracy.json instead of replacing it (rows of the same "
                          "dataset/model/criterion/mode/target are replaced)")
+    ap.add_argument("--out", default="accuracy",
+                    help="results file name under benchmarks/results (default accuracy); use another name for a "
+                         "run in parallel, then --merge it")
+    ap.add_argument("--merge", nargs="+", metavar="NAME",
+                    help="merge these results files (rows and runs) into --out and exit")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: random weights, synthetic data")
     args = ap.parse_args()
     if args.smoke:
         return smoke()
+    if args.merge:
+        return merge(args.out, args.merge)
     import models_zoo
 
     spec = oba_fx.get_dataset("fashion-mnist", args.data, limit_test=args.test_samples)
@@ -97,7 +107,7 @@ def main():
 
         from common import RESULTS
 
-        old = json.loads((RESULTS / "accuracy.json").read_text())
+        old = json.loads((RESULTS / f"{args.out}.json").read_text())
         rows, raw = old["rows"], old["runs"]
         commands = old.get("commands", [old.get("command", "")])
     args._commands = commands
@@ -138,16 +148,42 @@ def main():
                 rows.append(row)
                 print(f"  {target:.0%} {mode:>9} {crit:>12}: {100 * row['accuracy_mean']:.2f} ± "
                       f"{100 * row['accuracy_std']:.2f}", flush=True)
-                save("accuracy", _payload(args, rows, raw, partial=True))
-    path = save("accuracy", _payload(args, rows, raw, partial=False))
+                save(args.out, _payload(args, rows, raw, partial=True))
+    path = save(args.out, _payload(args, rows, raw, partial=False))
     print("wrote", path)
+
+
+def _key(x):
+    return x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"]
+
+
+def merge(out, names):
+    """Fold other results files into ``out``: their rows replace rows with the same key."""
+    import json
+
+    from common import RESULTS
+
+    base = json.loads((RESULTS / f"{out}.json").read_text())
+    base.setdefault("commands", [base.get("command", "")])
+    for name in names:
+        other = json.loads((RESULTS / f"{name}.json").read_text())
+        if other.get("partial"):
+            print(f"note: {name} is a partial run; merging the cells it finished")
+        keys = {_key(r) for r in other["rows"]}
+        base["rows"] = [r for r in base["rows"] if _key(r) not in keys] + other["rows"]
+        base["runs"] = [r for r in base["runs"] if _key(r) not in keys] + other["runs"]
+        base["commands"] += other.get("commands", [other.get("command", "")])[-1:]
+    base["partial"] = False
+    from oba_fx.io import write_json
+
+    print("wrote", write_json(RESULTS / f"{out}.json", base))
 
 
 def _payload(args, rows, raw, partial):
     return {"description": "test accuracy after pruning to a FLOPs target and the same fine-tuning budget "
                            f"({args.finetune_epochs} epoch(s) over {args.finetune_samples} training images, KD from "
                            "the original), mean ± std over seeds",
-            "settings": {k: v for k, v in vars(args).items() if k not in ("smoke", "_commands", "append")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("smoke", "_commands", "append", "merge", "out")},
             "partial": partial, "commands": args._commands + ["python " + " ".join(sys.argv)],
             "rows": rows, "runs": raw}
 

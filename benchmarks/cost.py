@@ -27,7 +27,8 @@ MODELS = {
     "resnet50": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True, classes=1000,
                      criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher"]),
     "vit_b_16": dict(kw={}, shape=(3, 224, 224), batch=16, torchvision=True, classes=1000,
-                     criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher", "oba (micro_batch 4)"]),
+                     criteria=["fwd+bwd", "taylor", "oba", "oba-network", "obd-fisher", "oba (micro_batch 4)",
+                               "oba (checkpoint)", "oba (checkpoint, micro_batch 4)"]),
 }
 SMOKE = {"resnet20": dict(kw={"in_channels": 1}, shape=(1, 28, 28), batch=4)}
 
@@ -64,9 +65,17 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
             oba_fx.parameter_scores(model, batch_list, "obd", probes=1, progress=False)
         elif criterion == "group-exact (1 probe)":
             oba_fx.group_exact_scores(graph, batch_list, method="probes", probes=1, progress=False)
-        elif criterion.startswith("oba (micro_batch "):
-            k = int(criterion.split("micro_batch ")[1].rstrip(")"))
-            oba_fx.parameter_scores(model, batch_list, "oba", progress=False, micro_batch=k)
+        elif "(" in criterion:  # memory controls: "oba (checkpoint, micro_batch 4)"
+            base, opts = criterion.rstrip(")").split(" (", 1)
+            kw = {}
+            for opt in (o.strip() for o in opts.split(",")):
+                if opt == "checkpoint":
+                    kw["checkpoint"] = True
+                elif opt.startswith("micro_batch "):
+                    kw["micro_batch"] = int(opt.split()[1])
+                else:
+                    raise SystemExit(f"unknown option {opt!r} in {criterion!r}")
+            oba_fx.parameter_scores(model, batch_list, base, progress=False, **kw)
         elif criterion == "taylor":
             curvature(model, batch_list, want=("g",), progress=False)
         else:
@@ -97,7 +106,8 @@ def main():
     except ImportError:  # pragma: no cover
         tqdm = lambda x, **k: x  # noqa: E731
     if args.smoke:
-        args.models, args.batches, args.criteria = list(SMOKE), 1, ["fwd+bwd", "oba", "oba-network"]
+        args.models, args.batches, args.criteria = list(SMOKE), 1, ["fwd+bwd", "oba", "oba-network",
+                                                                    "oba (checkpoint, micro_batch 2)"]
     rows = []
     # the ImageNet-size models run the main criteria only (each of the others costs minutes per batch on a CPU)
     jobs = [(m, c) for m in args.models for c in args.criteria

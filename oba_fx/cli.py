@@ -275,7 +275,8 @@ def cmd_train(args) -> int:
 
 def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion="oba",
                  steps=1, scope="global", finetune_epochs=0, lr=0.01, batch_size=128, calib_batches=8,
-                 calib_batch_size=64, kd=False, round_to=None, seed=0, args=None) -> dict:
+                 calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, checkpoint=False,
+                 args=None) -> dict:
     import oba_fx
 
     from .plots import plot_steps, plot_widths
@@ -322,7 +323,8 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     _log(f"compressing to {target_flops:.0%} FLOPs with '{criterion}' in {steps} step(s), scope {scope}")
     res = oba_fx.compress(model, example, calib, target_flops=target_flops, criterion=criterion, steps=steps,
                           scope=scope, round_to=round_to, finetune=after_step, batches_per_step=calib_batches,
-                          seed=seed, process_group=pg, progress=_rank() == 0)
+                          seed=seed, process_group=pg, progress=_rank() == 0, micro_batch=micro_batch,
+                          checkpoint=checkpoint)
     slim = res.model
     flops1, params1 = oba_fx.count(slim, example[:1])
     after = {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"], "flops": flops1, "params": params1}
@@ -363,7 +365,8 @@ def cmd_compress(args) -> int:
                  target_flops=args.target_flops, criterion=args.criterion, steps=args.steps, scope=args.scope,
                  finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                  calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size, kd=args.kd,
-                 round_to=args.round_to, seed=args.seed, args=args)
+                 round_to=args.round_to, seed=args.seed, micro_batch=args.micro_batch,
+                 checkpoint=args.activation_checkpoint or False, args=args)
     return 0
 
 
@@ -572,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-batch-size", type=int, default=64)
     c.add_argument("--round-to", type=int, help="keep channel counts at multiples of this")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--micro-batch", type=int, metavar="K",
+                   help="score calibration batches in chunks of K samples (less memory, same scores)")
+    c.add_argument("--activation-checkpoint", type=int, nargs="?", const=True, metavar="SEGMENTS",
+                   help="recompute activations while scoring (less memory, one more forward, same scores); "
+                        "optionally the number of graph segments (default about sqrt of the graph's nodes)")
     c.add_argument("--out", required=True, help="folder for model.pt, model.onnx, report.json and plots")
     c.set_defaults(fn=cmd_compress)
 
@@ -633,7 +641,7 @@ def main(argv=None) -> int:
     from .train import CheckpointError
 
     user_errors = (UserError, DatasetNotFound, CheckpointError, CalibrationError, TraceFailure, ValueError,
-                   FileNotFoundError)
+                   FileNotFoundError, MemoryError)
     try:
         return args.fn(args)
     except user_errors as e:

@@ -168,6 +168,7 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     micro_batch: int | None = None,
+    checkpoint: bool | int = False,
 ) -> CompressResult:
     """Structured pruning to a FLOPs (or parameter) target.
 
@@ -198,6 +199,8 @@ def compress(
         seed: seed for random / probe criteria.
         micro_batch: split calibration batches into chunks of this many samples
             while scoring (less memory, same scores for a per-sample mean loss).
+        checkpoint: activation checkpointing while scoring (True, or a number of
+            graph segments): less memory for one more forward, same scores.
 
     Returns:
         CompressResult with ``.model`` and ``.report``.
@@ -288,7 +291,7 @@ def compress(
                                  f"missing or mis-shaped for group ids {bad[:8]}")
         else:
             scores = group_scores(graph, batches, criterion, loss_fn, probes=probes, seed=seed + step,
-                                  progress=progress, micro_batch=micro_batch)
+                                  progress=progress, micro_batch=micro_batch, checkpoint=checkpoint)
         t_score = time.perf_counter() - t0
         importance = rank_scores(scores, signed=signed, normalize=normalize)
         t0 = time.perf_counter()

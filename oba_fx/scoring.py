@@ -75,6 +75,7 @@ def parameter_scores(
     seed: int = 0,
     progress: bool = True,
     micro_batch: int | None = None,
+    checkpoint: bool | int = False,
 ) -> dict[str, torch.Tensor]:
     """Per-parameter scores, same shapes as the parameters (float64).
 
@@ -89,6 +90,8 @@ def parameter_scores(
         progress: tqdm progress bars.
         micro_batch: split calibration batches into chunks of this many samples
             (less memory; same scores for a per-sample mean loss).
+        checkpoint: activation checkpointing while scoring (True, or a number of
+            graph segments): less memory for one more forward, same scores.
     """
     _check_criterion(criterion)
     if criterion == "group-exact":
@@ -105,7 +108,7 @@ def parameter_scores(
     delta = {n: -t for n, t in theta.items()}
     if criterion == "obd":
         diag = hutchinson_diagonal(model, calibration, names, loss_fn, probes=probes, seed=seed, progress=progress,
-                                   micro_batch=micro_batch)
+                                   micro_batch=micro_batch, checkpoint=checkpoint)
         return {n: 0.5 * diag[n] * delta[n] ** 2 for n in names}
     if criterion == "obd-fisher":
         fisher = fisher_diagonal(model, calibration, names, loss_fn, progress=progress)
@@ -113,7 +116,7 @@ def parameter_scores(
     want = {"taylor": ("g",), "oba": ("g", "H"), "oba-network": ("g", "F"), "oba-gn": ("g", "G"),
             "oba-k3": ("g", "H", "T3")}[criterion]
     r = curvature(model, calibration, want=want, loss_fn=loss_fn, params=names, progress=progress,
-                  micro_batch=micro_batch)
+                  micro_batch=micro_batch, checkpoint=checkpoint)
     d = {n: delta[n] for n in names}
     if criterion == "taylor":
         return {n: (r.g[n] * d[n]).abs() for n in names}
@@ -124,7 +127,8 @@ def parameter_scores(
     return out
 
 
-def hutchinson_diagonal(model, calibration, names, loss_fn=None, probes=16, seed=0, progress=True, micro_batch=None):
+def hutchinson_diagonal(model, calibration, names, loss_fn=None, probes=16, seed=0, progress=True, micro_batch=None,
+                        checkpoint=False):
     """diag(H) ≈ mean over Rademacher probes z of z⊙Hz (unbiased; one HVP pass per probe)."""
     if probes < 1:
         raise ValueError("probes must be >= 1")
@@ -134,7 +138,7 @@ def hutchinson_diagonal(model, calibration, names, loss_fn=None, probes=16, seed
     for _ in range(probes):
         z = {n: (torch.randint(0, 2, named[n].shape, generator=gen) * 2 - 1).to(named[n]) for n in names}
         r = curvature(model, calibration, want=("H",), direction=z, loss_fn=loss_fn, params=names, progress=progress,
-                      micro_batch=micro_batch)
+                      micro_batch=micro_batch, checkpoint=checkpoint)
         for n in names:
             acc[n] += z[n].to(torch.float64) * r.H[n]
     return {n: v / probes for n, v in acc.items()}
@@ -214,6 +218,7 @@ def group_scores(
     seed: int = 0,
     progress: bool = True,
     micro_batch: int | None = None,
+    checkpoint: bool | int = False,
 ) -> dict[int, torch.Tensor]:
     """Predicted loss change per channel of every prunable group (signed, float64).
 
@@ -238,7 +243,7 @@ def group_scores(
         return group_exact_scores(graph, calibration, loss_fn, method=method, probes=probes, seed=seed,
                                   progress=progress)[0]
     per_param = parameter_scores(model, calibration, criterion, loss_fn, probes=min(probes, 16), seed=seed,
-                                 progress=progress, micro_batch=micro_batch)
+                                 progress=progress, micro_batch=micro_batch, checkpoint=checkpoint)
     return {g.id: _reduce_to_channels(g, per_param) for g in groups}
 
 

@@ -88,6 +88,8 @@ def compress_unstructured(
     probes: int = 16,
     seed: int = 0,
     progress: bool = True,
+    micro_batch: int | None = None,
+    checkpoint: bool | int = False,
 ) -> CompressResult:
     """Zero the least important weights of Conv/Linear layers, holding masks for fine-tuning.
 
@@ -103,6 +105,7 @@ def compress_unstructured(
         sparsity: fraction of scored weights set to zero, in [0, 1).
         scope: "global" (one threshold) or "layer" (the same sparsity per layer).
         include_last: also prune the final classifier layer (off by default).
+        micro_batch, checkpoint: memory controls for scoring, see ``oba_fx.compress``.
 
     Returns:
         CompressResult; ``report["sparsity"]`` gives the real per-layer sparsity.
@@ -134,7 +137,7 @@ def compress_unstructured(
         names = [f"{n}.weight" if n else "weight" for n, _ in _targets(plain, include_last)]
         t0 = time.perf_counter()
         scores = parameter_scores(plain, batches, criterion, loss_fn, params=names, probes=probes, seed=seed + step,
-                                  progress=progress)
+                                  progress=progress, micro_batch=micro_batch, checkpoint=checkpoint)
         t_score = time.perf_counter() - t0
         masks = {}
         alive = {}

@@ -213,6 +213,7 @@ def curvature(
     progress: bool = True,
     backend: str = "auto",
     micro_batch: int | None = None,
+    checkpoint: bool | int = False,
 ) -> Curvature:
     """One pass over ``calibration`` computing the requested products.
 
@@ -229,6 +230,12 @@ def curvature(
         micro_batch: split every calibration batch into chunks of at most this
             many samples (less memory, same result for a per-sample mean loss such
             as the default cross-entropy: chunks are weighted by their size).
+        checkpoint: activation checkpointing (``passes.checkpoint``): True cuts
+            the traced graph into about √(nodes) segments, an int gives the
+            number of segments.  Only the values crossing the cuts and one
+            segment's activations are kept; each segment is recomputed in the
+            backward (one more forward).  Same result.  Forward-over-reverse
+            quantities only (g, H, G, F; not T3).
         backend: "auto" (forward-over-reverse, double backward where an op has
             no forward AD), "fwad" or "double-backward".
 
@@ -254,6 +261,17 @@ def curvature(
             raise ValueError(f"direction must give a tensor of the parameter's shape for {wrong[:5]}")
     user_loss = loss_fn is not None
     loss_fn = loss_fn or default_loss
+    sg = None
+    if checkpoint:
+        from passes.checkpoint import CheckpointError, SegmentedGraph
+
+        if "T3" in want:
+            raise CheckpointError("checkpoint= covers g, H, G and F; the third-order term (oba-k3) uses triple "
+                                  "backward, which recomputation cannot shorten. Use micro_batch= to save memory")
+        if backend == "double-backward":
+            raise CheckpointError("checkpoint= works with the forward-over-reverse backend; use backend='auto'")
+        with scoring_mode(model):
+            sg = SegmentedGraph(model, names, checkpoint)
     acc: dict[str, dict[str, torch.Tensor]] = {
         q: {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in scored.items()} for q in want
     }
@@ -280,11 +298,19 @@ def curvature(
                 if use in ("auto", "fwad"):
                     try:
                         with _clear_oom():
-                            out = _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi)
+                            out = _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi,
+                                              sg=sg)
                         use = "fwad"
                     except NotImplementedError as err:
                         if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
                             raise
+                        if sg is not None:
+                            from passes.checkpoint import CheckpointError
+
+                            raise CheckpointError(
+                                "checkpoint= needs forward-mode AD for every op, and this model has one without it "
+                                f"({str(err).splitlines()[0][:160]}). Score without checkpoint=, or with "
+                                "micro_batch= to save memory") from err
                         use = "double-backward"
                         res.extra["fallback_reason"] = str(err).splitlines()[0]
                 if use == "double-backward":
@@ -338,7 +364,8 @@ def _clear_oom():
                 "can't allocate memory" in text or "not enough memory" in text:
             raise MemoryError(
                 "scoring ran out of memory. Lower the memory per step: micro_batch=K (splits each calibration "
-                "batch, same result), params=[...] to score a subset of layers, or smaller calibration batches. "
+                "batch, same result), checkpoint=True (recomputes activations, same result; CLI "
+                "--activation-checkpoint), params=[...] to score a subset of layers, or smaller calibration batches. "
                 f"(original error: {text.splitlines()[0][:200] if text else type(err).__name__})") from err
         raise
 
@@ -373,7 +400,7 @@ def _output_tensor(out, bi):
     return out
 
 
-def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi):
+def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi, sg=None):
     names = list(scored)
     leaves = [scored[n].detach().requires_grad_(True) for n in names]
     if "T3" in want:
@@ -381,15 +408,29 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     results: dict[str, dict[str, torch.Tensor]] = {}
     if set(want) == {"g"}:  # first order only: a plain forward and backward, no dual numbers
         with torch.enable_grad():
-            out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
-            loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            if sg is None:
+                out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+            else:
+                out, saved = sg.forward(dict(zip(names, leaves)), inputs)
+                out = _output_tensor(out, bi)
+                o = out.detach().requires_grad_(True)
+            loss = _loss_at_output(out if sg is None else o, targets, loss_fn, user_loss, bi)
+            if sg is None:
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            else:
+                (c,) = torch.autograd.grad(loss, o)
+                (grads,) = sg.backward(saved, dict(zip(names, leaves)), None, [c])
         results["g"] = {n: torch.zeros_like(l) if gr is None else gr.detach() for n, gr, l in zip(names, grads, leaves)}
         _check_finite(results["g"], "the gradient", bi)
         return float(loss.detach()), results
+    dirs = {n: direction[n].to(leaf.dtype) for leaf, n in zip(leaves, names)}
     with fwAD.dual_level():
-        duals = [fwAD.make_dual(leaf, direction[n].to(leaf.dtype)) for leaf, n in zip(leaves, names)]
-        out = _output_tensor(functional_call(model, dict(zip(names, duals)), inputs), bi)
+        if sg is None:
+            duals = [fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)]
+            out = _output_tensor(functional_call(model, dict(zip(names, duals)), inputs), bi)
+        else:
+            out, saved = sg.forward({n: fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)}, inputs)
+            out = _output_tensor(out, bi)
         out_p, out_t = fwAD.unpack_dual(out)
         if out_t is None:
             out_t = torch.zeros_like(out_p)
@@ -413,8 +454,13 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
             plan.append(("G", u.detach()))
         if not any(q in ("H", "F") for q, _ in plan):
             plan.append(("g", c))  # the gradient needs its own backward when neither H nor F is asked for
+        if sg is not None:  # all cotangents in one recomputing backward
+            all_grads = sg.backward(saved, dict(zip(names, leaves)), dirs, [cot for _, cot in plan])
         for i, (q, cot) in enumerate(plan):
-            grads = torch.autograd.grad(out, leaves, cot, retain_graph=i < len(plan) - 1, allow_unused=True)
+            if sg is None:
+                grads = torch.autograd.grad(out, leaves, cot, retain_graph=i < len(plan) - 1, allow_unused=True)
+            else:
+                grads = all_grads[i]
             prim, tang = {}, {}
             for n, gr, leaf in zip(names, grads, leaves):
                 if gr is None:
