@@ -142,6 +142,42 @@ RENDERERS = {"scoring_cost": scoring_cost, "fidelity": fidelity, "accuracy": acc
 ORDER = ["fidelity", "accuracy", "scoring_cost", "speedup"]
 
 
+def recommend(acc: dict) -> dict:
+    """The defaults the accuracy table supports (the rule is stated in BENCHMARKS.md and tested).
+
+    Criterion: the highest accuracy averaged over every complete column (dataset, model, mode, target)
+    in which all library criteria were run ("random" and normalisation variants "name:norm" excluded).
+    Normalisation: for the criterion's ":mean"/":max" variants (or, if it has none, oba's), the option
+    with the highest accuracy averaged over the columns where all variants were run.
+    """
+    rows = [r for r in acc["rows"] if r["criterion"] != "original"]
+    key = lambda r: (r["dataset"], r["model"], r["mode"], r["target_flops"])  # noqa: E731
+    cell = {(key(r), r["criterion"]): r["accuracy_mean"] for r in rows}
+    columns = list(dict.fromkeys(key(r) for r in rows))
+
+    def mean_over(names):
+        cols = [c for c in columns if all((c, n) in cell for n in names)]
+        return cols, {n: sum(cell[(c, n)] for c in cols) / len(cols) for n in names} if cols else {}
+
+    crits = [c for c in dict.fromkeys(r["criterion"] for r in rows) if ":" not in c and c != "random"]
+    cols, means = mean_over(crits)
+    if not means:
+        return {}
+    best = max(means, key=means.get)
+    out = {"criterion": best, "criterion_columns": len(cols), "criterion_mean_accuracy": means}
+    for base in (best, "oba"):
+        variants = [base] + sorted({r["criterion"] for r in rows if r["criterion"].startswith(base + ":")})
+        if len(variants) > 1:
+            ncols, nmeans = mean_over(variants)
+            if nmeans:
+                pick = max(nmeans, key=nmeans.get)
+                out.update(normalize=pick.partition(":")[2] or "none", normalize_base=base,
+                           normalize_columns=len(ncols),
+                           normalize_mean_accuracy={(v.partition(":")[2] or "none"): a for v, a in nmeans.items()})
+                break
+    return out
+
+
 def findings(results: dict) -> list[str]:
     """Cross-benchmark summary computed from the JSON, and the library defaults it supports."""
     import inspect

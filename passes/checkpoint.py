@@ -29,6 +29,7 @@ update a value in place after the cut (``out += identity``, ``relu_``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -123,7 +124,7 @@ class SegmentedGraph:
             raise CheckpointError(f"checkpoint=: the graph takes {len(self.placeholders)} inputs, got {len(inputs)}")
         env = dict(zip(self.placeholders, inputs))
         saved = []
-        with torch.no_grad(), _reparametrize_module(self.gm, params):
+        with torch.no_grad(), _no_mha_fastpath(), _reparametrize_module(self.gm, params):
             interp = torch.fx.Interpreter(self.gm)
             for j, ch in enumerate(self.chunks):
                 saved.append({n: _clone(env[n]) for n in self.crossing[j]})
@@ -177,6 +178,17 @@ class SegmentedGraph:
                     c.pop(n, None)
             del env, values
         return acc
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.MultiheadAttention/TransformerEncoderLayer take a fused kernel without forward AD under no_grad."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def _clone(v):

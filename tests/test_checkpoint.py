@@ -145,3 +145,26 @@ def test_clear_errors():
     m = Untraceable().double()
     with pytest.raises(CheckpointError, match="fx-traceable.*micro_batch"):
         curvature(m, cal, progress=False, checkpoint=True)
+
+
+def test_multihead_attention_module():
+    """nn.MultiheadAttention's fused no-grad fast path has no forward AD; checkpointing must avoid it."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(5, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    cal = [(torch.randn(4, 3, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen))]
+    a = curvature(model, cal, want=("g", "H"), progress=False)
+    b = curvature(model, cal, want=("g", "H"), progress=False, checkpoint=True)
+    assert b.backend == "forward-over-reverse"
+    assert max(rel(b.H[n], a.H[n]) for n in a.names) <= 1e-12
+    assert torch.backends.mha.get_fastpath_enabled()
