@@ -144,13 +144,20 @@ def main():
                 row = {"dataset": ds_name, "model": name, "criterion": crit, "mode": mode, "target_flops": target,
                        "accuracy_mean": statistics.mean(accs),
                        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
-                       "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rs)}
+                       "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rs),
+                       "budget": _budget(args)}
                 rows.append(row)
                 print(f"  {target:.0%} {mode:>9} {crit:>12}: {100 * row['accuracy_mean']:.2f} ± "
                       f"{100 * row['accuracy_std']:.2f}", flush=True)
                 save(args.out, _payload(args, rows, raw, partial=True))
     path = save(args.out, _payload(args, rows, raw, partial=False))
     print("wrote", path)
+
+
+def _budget(args):
+    return {"finetune_epochs": args.finetune_epochs, "finetune_samples": args.finetune_samples,
+            "calib_batches": args.calib_batches, "calib_batch_size": args.calib_batch_size,
+            "test_samples": args.test_samples}
 
 
 def _key(x):
@@ -163,10 +170,17 @@ def merge(out, names):
 
     from common import RESULTS
 
-    base = json.loads((RESULTS / f"{out}.json").read_text())
+    def backfill(d):  # rows of older files carry their budget in the file's settings only
+        st = d.get("settings", {})
+        for r in d["rows"]:
+            if "budget" not in r and r["criterion"] != "original" and st:
+                r["budget"] = _budget(argparse.Namespace(**st))
+        return d
+
+    base = backfill(json.loads((RESULTS / f"{out}.json").read_text()))
     base.setdefault("commands", [base.get("command", "")])
     for name in names:
-        other = json.loads((RESULTS / f"{name}.json").read_text())
+        other = backfill(json.loads((RESULTS / f"{name}.json").read_text()))
         if other.get("partial"):
             print(f"note: {name} is a partial run; merging the cells it finished")
         keys = {_key(r) for r in other["rows"]}

@@ -80,6 +80,7 @@ def single_group(model, graph, calib, held, criteria, max_channels, seed, progre
 
     groups = graph.prunable_groups
     channels = [(g.id, c) for g in groups for c in range(g.size) if g.size > 1]
+    total = len(channels)
     if max_channels and len(channels) > max_channels:
         rng = np.random.default_rng(seed)
         pick = sorted(rng.choice(len(channels), max_channels, replace=False))
@@ -127,7 +128,7 @@ def single_group(model, graph, calib, held, criteria, max_channels, seed, progre
     oracle = {}
     for (gid, c), v in zip(channels, true_c):
         oracle.setdefault(gid, {})[c] = float(v)
-    return {"channels": len(channels), "ablation_seconds": t_ablate, "base_loss_heldout": base_h,
+    return {"channels": len(channels), "channels_total": total, "ablation_seconds": t_ablate, "base_loss_heldout": base_h,
             "base_loss_calibration": base_c, "true_delta_heldout": {"mean": float(true_h.mean()),
                                                                      "max": float(true_h.max()),
                                                                      "frac_negative": float((true_h < 0).mean())},
@@ -171,6 +172,8 @@ def main():
     ap.add_argument("--targets", nargs="+", type=float, default=[0.8, 0.6, 0.4])
     ap.add_argument("--data", help="Fashion-MNIST folder")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the models in results/fidelity.json that this run does not measure")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: random weights and data; writes nothing")
     args = ap.parse_args()
     if args.smoke:
@@ -196,12 +199,26 @@ def main():
         jr = joint(model, calib, held, args.criteria, args.targets, oracle if use_oracle else None, example,
                    progress=not args.smoke)
         f, p = oba_fx.count(model, example[:1])
-        out.append({"model": name, "flops": f, "params": p, "single": single, "joint": jr})
+        out.append({"model": name, "flops": f, "params": p, "max_channels": args.max_channels, "single": single,
+                    "joint": jr})
     if args.smoke:
         assert all(r["single"]["rows"] and r["joint"] for r in out)
         print("smoke ok")
         return
+    commands = []
+    if args.merge:
+        import json
+
+        from common import RESULTS
+
+        old = json.loads((RESULTS / "fidelity.json").read_text())
+        done = {m["model"] for m in out}
+        kept = [dict(m, max_channels=m.get("max_channels", old.get("max_channels"))) for m in old["models"]
+                if m["model"] not in done]
+        out = kept + out
+        commands = old.get("commands", [old.get("command", "")])
     path = save("fidelity", {
+        "commands": commands + ["python " + " ".join(sys.argv)],
         "description": "single-channel removal: criterion score vs measured loss change (true ΔL by rewriting the "
                        "model without that channel); joint one-shot removal without fine-tuning",
         "calibration": {"batches": args.calib_batches, "batch_size": args.calib_batch_size,

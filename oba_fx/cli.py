@@ -273,7 +273,7 @@ def cmd_train(args) -> int:
 
 # --------------------------------------------------------------------------- compress
 
-def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion="oba",
+def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion=None,
                  steps=1, scope="global", finetune_epochs=0, lr=0.01, batch_size=128, calib_batches=8,
                  calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, checkpoint=False,
                  args=None) -> dict:
@@ -283,10 +283,15 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     from .train import evaluate
 
     _fraction(target_flops, "--target-flops")
+    criterion = criterion or oba_fx.DEFAULT_CRITERION
     if criterion not in oba_fx.CRITERIA:
         raise UserError(f"unknown criterion '{criterion}'; choose from {', '.join(oba_fx.CRITERIA)}")
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
+    if micro_batch is not None and micro_batch < 1:
+        raise UserError(f"--micro-batch must be >= 1, got {micro_batch}")
+    if checkpoint is not True and checkpoint is not False and checkpoint < 1:
+        raise UserError(f"--activation-checkpoint takes a number of segments >= 1, got {checkpoint}")
     if finetune_epochs < 0:
         raise UserError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     model, info = load_model(checkpoint)
@@ -533,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="resnet20")
     d.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     d.add_argument("--target-flops", type=float, default=0.4, help="fraction of FLOPs to keep (default 0.4)")
-    d.add_argument("--criterion", default="oba", choices=list(oba_fx.CRITERIA))
+    d.add_argument("--criterion", default=oba_fx.DEFAULT_CRITERION, choices=list(oba_fx.CRITERIA),
+                   help=f"default {oba_fx.DEFAULT_CRITERION} (chosen from the accuracy benchmark)")
     d.add_argument("--steps", type=int, default=1)
     d.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs after pruning (default 3)")
     d.add_argument("--lr", type=float, default=0.1, help="peak training learning rate (one-cycle)")
@@ -564,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="a training checkpoint or an oba_fx.save file")
     _add_data(c, dataset_default=None)
     c.add_argument("--target-flops", type=float, default=0.5, help="fraction of FLOPs to keep, in (0, 1]")
-    c.add_argument("--criterion", default="oba", help=f"one of {', '.join(oba_fx.CRITERIA)} (default oba)")
+    c.add_argument("--criterion", default=oba_fx.DEFAULT_CRITERION,
+                   help=f"one of {', '.join(oba_fx.CRITERIA)} (default {oba_fx.DEFAULT_CRITERION}, chosen from the "
+                        "accuracy benchmark)")
     c.add_argument("--steps", type=int, default=1, help="iterative steps, re-scoring after each (default 1)")
     c.add_argument("--scope", choices=("global", "local"), default="global")
     c.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after each step")

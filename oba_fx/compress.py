@@ -32,7 +32,12 @@ from .counting import count
 from .graph import Graph, trace
 from .scoring import CRITERIA, group_scores, rank_scores
 
-__all__ = ["compress", "CompressResult", "evaluate_loss"]
+__all__ = ["compress", "CompressResult", "evaluate_loss", "DEFAULT_CRITERION", "DEFAULT_NORMALIZE"]
+
+#: The defaults of ``compress`` and the CLI, chosen from benchmarks/results/accuracy.json by the rule in
+#: ``benchmarks/report.py:recommend`` (tests/test_benchmarks.py checks they agree with the recorded data).
+DEFAULT_CRITERION = "oba"
+DEFAULT_NORMALIZE = "none"
 
 
 @dataclass
@@ -151,7 +156,7 @@ def compress(
     *,
     target_flops: float | None = 0.5,
     target_params: float | None = None,
-    criterion: str = "oba",
+    criterion: str = DEFAULT_CRITERION,
     loss_fn: Callable | None = None,
     steps: int = 1,
     scope: str = "global",
@@ -161,7 +166,7 @@ def compress(
     finetune: Callable[[nn.Module, int], Any] | None = None,
     leaf_modules: Iterable = (),
     batches_per_step: int | None = None,
-    normalize: str = "none",
+    normalize: str = DEFAULT_NORMALIZE,
     signed: bool = False,
     schedule: str = "geometric",
     probes: int = 16,

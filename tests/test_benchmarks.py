@@ -38,3 +38,47 @@ def test_report_renders_every_result(tmp_path):
         assert d["benchmark"] in mod.RENDERERS, p
         text = "\n".join(mod.RENDERERS[d["benchmark"]](d))
         assert "Machine:" in text and "|" in text
+
+
+def _report_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_defaults_follow_the_recorded_data():
+    """oba_fx.compress's default criterion and normalisation are the ones the accuracy table supports."""
+    import inspect
+    import json
+
+    import oba_fx
+
+    acc = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    rec = _report_module().recommend(acc)
+    sig = inspect.signature(oba_fx.compress).parameters
+    assert rec, "accuracy.json has no complete column"
+    assert oba_fx.DEFAULT_CRITERION == rec["criterion"] == sig["criterion"].default, rec
+    assert oba_fx.DEFAULT_NORMALIZE == rec.get("normalize", "none") == sig["normalize"].default, rec
+    from oba_fx.cli import build_parser
+
+    for cmd in ("compress", "demo"):
+        args = build_parser().parse_args([cmd, "x.pt", "--out", "o"] if cmd == "compress" else [cmd])
+        assert args.criterion == rec["criterion"], cmd
+
+
+def test_recommend_rule():
+    """The rule itself on a made-up table: complete columns only, mean accuracy, normalisation variants."""
+    def row(model, crit, t, a):
+        return {"dataset": "d", "model": model, "criterion": crit, "mode": "one-shot", "target_flops": t,
+                "accuracy_mean": a}
+
+    rows = [row("m", "oba", 0.5, 0.90), row("m", "taylor", 0.5, 0.80), row("m", "random", 0.5, 0.99),
+            row("m", "oba", 0.3, 0.70), row("m", "taylor", 0.3, 0.85),
+            row("n", "oba", 0.5, 0.10),  # incomplete column: ignored
+            row("m", "oba:mean", 0.5, 0.95), row("m", "oba:max", 0.5, 0.91)]
+    rec = _report_module().recommend({"rows": rows})
+    assert rec["criterion"] == "taylor" and rec["criterion_columns"] == 2
+    assert rec["normalize"] == "mean" and rec["normalize_base"] == "oba"
