@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from typing import Any, Sequence
 
 import torch
@@ -58,7 +59,7 @@ def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
         raise CheckpointError(
             f"checkpoint= needs a torch.fx-traceable model, and {type(model).__name__} failed to trace "
             f"({type(err).__name__}: {str(err).splitlines()[0][:160]}). Score the traced module "
-            "(oba_fx.trace(model, x).module), or use micro_batch= instead of checkpoint=") from err
+            "(oba_fx.trace(model, x).gm), or use micro_batch= instead of checkpoint=") from err
     return torch.fx.GraphModule(model, graph, type(model).__name__)
 
 
@@ -80,16 +81,8 @@ class SegmentedGraph:
             k = segments
         else:
             raise CheckpointError(f"checkpoint must be True or a positive number of segments, got {segments!r}")
-        k = min(k, len(compute))
-        bounds = [round(i * len(compute) / k) for i in range(k + 1)]
-        self.chunks = [compute[bounds[i]:bounds[i + 1]] for i in range(k)]
         self.index = {n: i for i, n in enumerate(nodes)}
         self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in nodes}
-        # values crossing the cut in front of each chunk
-        self.crossing = []
-        for ch in self.chunks:
-            start = self.index[ch[0]]
-            self.crossing.append([n for n in nodes if self.index[n] < start and self.last_use[n] >= start])
         # which nodes depend on the scored parameters (they need gradients)
         names = set(param_names)
         mods_with = set()
@@ -104,6 +97,29 @@ class SegmentedGraph:
                 self.param_dependent.add(n)
             elif any(a in self.param_dependent for a in n.all_input_nodes):
                 self.param_dependent.add(n)
+
+        def crossing(pos):  # values defined before compute[pos] and used at or after it
+            start = self.index[compute[pos]]
+            return [n for n in nodes if self.index[n] < start and self.last_use[n] >= start]
+
+        def container(n):  # a tuple/list result, unpacked by getitem (e.g. split, chunk, a module returning a tuple)
+            return bool(n.users) and all(u.op == "call_function" and u.target is operator.getitem for u in n.users)
+
+        # a cut may not separate a differentiable container from its getitems: its gradient must flow per element
+        valid = [pos for pos in range(1, len(compute))
+                 if not any(container(n) and n in self.param_dependent for n in crossing(pos))]
+        k = min(k, len(valid) + 1)
+        cuts = []
+        for i in range(1, k):
+            ideal = i * len(compute) / k
+            best = min((p for p in valid if not cuts or p > cuts[-1]), key=lambda p: abs(p - ideal), default=None)
+            if best is not None:
+                cuts.append(best)
+        bounds = [0] + cuts + [len(compute)]
+        self.chunks = [compute[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+        self.crossing = [[]] + [crossing(pos) for pos in cuts]
+        # inputs are read by the first chunk only through the environment; store them for chunk 0 too
+        self.crossing[0] = [n for n in self.placeholders if self.last_use[n] >= 0]
         if len(self.output.all_input_nodes) != 1 or not isinstance(self.output.args[0], torch.fx.Node):
             raise CheckpointError("checkpoint=: the model must return a single tensor (the logits)")
         self.result = self.output.args[0]
