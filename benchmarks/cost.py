@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--criteria", nargs="+", default=CRITERIA)
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results/scoring_cost.json that this run does not measure")
+    ap.add_argument("--note", help="a note stored on every row this run measures (e.g. that other work shared the CPU)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny model (CI); writes nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CRITERION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,7 +119,8 @@ def main():
         if out.returncode != 0:
             rows.append({"model": m, "criterion": c, "error": out.stderr.strip().splitlines()[-1]})
             continue
-        rows.append({"model": m, "criterion": c, **json.loads(out.stdout.strip().splitlines()[-1])})
+        rows.append({"model": m, "criterion": c, **json.loads(out.stdout.strip().splitlines()[-1]),
+                     **({"note": args.note} if args.note else {})})
     if args.merge:
         from common import RESULTS
 

@@ -98,32 +98,39 @@ def parameter_scores(
         raise ValueError("group-exact scores channels of coupled groups, not parameters: use group_scores(graph, ...)")
     named = dict(model.named_parameters())
     names = params if params is not None else [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
-    theta = {n: named[n].detach().to(torch.float64) for n in names}
+
+    def delta(n):  # δ = −θ in float64, made per parameter (no second copy of the model in memory)
+        return named[n].detach().to(torch.float64, copy=True).neg_()  # never in place on the model
+
     if criterion == "magnitude":
-        return {n: t * t for n, t in theta.items()}
+        return {n: delta(n).square_() for n in names}
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
-        return {n: torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.device) for n, t in theta.items()}
+        return {n: torch.rand(named[n].shape, generator=gen, dtype=torch.float64).to(named[n].device) for n in names}
     calibration = _reiterable(calibration)
-    delta = {n: -t for n, t in theta.items()}
     if criterion == "obd":
         diag = hutchinson_diagonal(model, calibration, names, loss_fn, probes=probes, seed=seed, progress=progress,
                                    micro_batch=micro_batch, checkpoint=checkpoint)
-        return {n: 0.5 * diag[n] * delta[n] ** 2 for n in names}
+        return {n: diag[n].mul_(delta(n).square_()).mul_(0.5) for n in names}
     if criterion == "obd-fisher":
         fisher = fisher_diagonal(model, calibration, names, loss_fn, progress=progress)
-        return {n: 0.5 * fisher[n] * delta[n] ** 2 for n in names}
+        return {n: fisher[n].mul_(delta(n).square_()).mul_(0.5) for n in names}
     want = {"taylor": ("g",), "oba": ("g", "H"), "oba-network": ("g", "F"), "oba-gn": ("g", "G"),
             "oba-k3": ("g", "H", "T3")}[criterion]
     r = curvature(model, calibration, want=want, loss_fn=loss_fn, params=names, progress=progress,
                   micro_batch=micro_batch, checkpoint=checkpoint)
-    d = {n: delta[n] for n in names}
-    if criterion == "taylor":
-        return {n: (r.g[n] * d[n]).abs() for n in names}
-    second = {"oba": r.H, "oba-network": r.F, "oba-gn": r.G, "oba-k3": r.H}[criterion]
-    out = {n: r.g[n] * d[n] + 0.5 * d[n] * second[n] for n in names}
-    if criterion == "oba-k3":
-        out = {n: out[n] + d[n] * r.T3[n] / 6.0 for n in names}
+    out = {}
+    second = {"oba": r.H, "oba-network": r.F, "oba-gn": r.G, "oba-k3": r.H}.get(criterion)
+    for n in names:  # in place on the float64 accumulators, which nothing else holds
+        d = delta(n)
+        s = r.g.pop(n).mul_(d)
+        if criterion == "taylor":
+            out[n] = s.abs_()
+            continue
+        s.add_(second.pop(n).mul_(d), alpha=0.5)
+        if criterion == "oba-k3":
+            s.add_(r.T3.pop(n).mul_(d), alpha=1.0 / 6.0)
+        out[n] = s
     return out
 
 
