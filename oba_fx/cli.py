@@ -275,7 +275,7 @@ def cmd_train(args) -> int:
 
 def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion=None,
                  steps=1, scope="global", finetune_epochs=0, lr=0.01, batch_size=128, calib_batches=8,
-                 calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, checkpoint=False,
+                 calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, activation_checkpoint=False,
                  args=None) -> dict:
     import oba_fx
 
@@ -290,8 +290,8 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
         raise UserError(f"--steps must be >= 1, got {steps}")
     if micro_batch is not None and micro_batch < 1:
         raise UserError(f"--micro-batch must be >= 1, got {micro_batch}")
-    if checkpoint is not True and checkpoint is not False and checkpoint < 1:
-        raise UserError(f"--activation-checkpoint takes a number of segments >= 1, got {checkpoint}")
+    if activation_checkpoint is not True and activation_checkpoint is not False and activation_checkpoint < 1:
+        raise UserError(f"--activation-checkpoint takes a number of segments >= 1, got {activation_checkpoint}")
     if finetune_epochs < 0:
         raise UserError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
     model, info = load_model(checkpoint)
@@ -329,7 +329,7 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     res = oba_fx.compress(model, example, calib, target_flops=target_flops, criterion=criterion, steps=steps,
                           scope=scope, round_to=round_to, finetune=after_step, batches_per_step=calib_batches,
                           seed=seed, process_group=pg, progress=_rank() == 0, micro_batch=micro_batch,
-                          checkpoint=checkpoint)
+                          checkpoint=activation_checkpoint)
     slim = res.model
     flops1, params1 = oba_fx.count(slim, example[:1])
     after = {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"], "flops": flops1, "params": params1}
@@ -371,7 +371,7 @@ def cmd_compress(args) -> int:
                  finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                  calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size, kd=args.kd,
                  round_to=args.round_to, seed=args.seed, micro_batch=args.micro_batch,
-                 checkpoint=args.activation_checkpoint or False, args=args)
+                 activation_checkpoint=args.activation_checkpoint or False, args=args)
     return 0
 
 

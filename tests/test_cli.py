@@ -245,7 +245,7 @@ def _cli_subprocess(*argv, env=None):
 
 
 @pytest.mark.parametrize("case", ["missing-dataset", "unknown-model", "corrupt-checkpoint", "target-out-of-range",
-                                  "missing-checkpoint"])
+                                  "missing-checkpoint", "bad-micro-batch"])
 def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
     if case == "missing-dataset":
         argv = ["train", "--model", "resnet20", "--epochs", "1", "--out", tmp_path / "r", "--data", tmp_path / "no"]
@@ -258,6 +258,9 @@ def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
         bad.write_bytes(trained.read_bytes()[:2000])
         argv = ["eval", bad, "--data", fmnist_dir]
         expect = "truncated or corrupt"
+    elif case == "bad-micro-batch":
+        argv = ["compress", trained, "--data", fmnist_dir, "--micro-batch", "0", "--out", tmp_path / "o"]
+        expect = "--micro-batch must be >= 1"
     elif case == "missing-checkpoint":
         argv = ["compress", tmp_path / "none.pt", "--out", tmp_path / "o"]
         expect = "does not exist"
@@ -281,7 +284,8 @@ def test_torchrun_compress_matches_single_process(trained, fmnist_dir, tmp_path)
                         "29533", "-m", "oba_fx", *map(str, common), "--out", str(tmp_path / "dist")],
                        capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert run_cli(*common, "--out", tmp_path / "single") == 0
+    # the single process also exercises the memory controls, which must not change the decision
+    assert run_cli(*common, "--micro-batch", "8", "--activation-checkpoint", "--out", tmp_path / "single") == 0
     dist_rep = json.loads((tmp_path / "dist" / "report.json").read_text())
     single_rep = json.loads((tmp_path / "single" / "report.json").read_text())
     assert (dist_rep["compress"]["step_reports"][0]["removed_channels"]
