@@ -203,3 +203,32 @@ def test_bad_input_is_clear_and_model_unchanged():
         oba_fx.parameter_scores(model, nan, "oba-network", progress=False)
     assert model.training, "mode restored after an error"
     assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_neg_theta_fast_path_is_exact(name, monkeypatch):
+    """The δ = −θ shortcut for linear/conv layers gives the ordinary forward-AD results, and is really used."""
+    import passes.curvature as C
+
+    model, cal = make(name)
+    hits = []
+    orig = C._NegThetaMode.__exit__
+
+    def spy(self, *a):
+        hits.append(self.hits)
+        return orig(self, *a)
+
+    monkeypatch.setattr(C._NegThetaMode, "__exit__", spy)
+    fast = curvature(model, cal, want=("g", "H", "G", "F"), progress=False)
+    assert hits and min(hits) > 0
+    monkeypatch.setattr(C, "FAST_NEG_THETA", False)
+    plain = curvature(model, cal, want=("g", "H", "G", "F"), progress=False)
+    for q in "gHGF":
+        for n in plain.names:
+            assert rel(getattr(fast, q)[n], getattr(plain, q)[n]) <= 1e-12, (q, n)
+    # any other direction takes the ordinary path (the shortcut's condition is checked, not assumed)
+    monkeypatch.setattr(C, "FAST_NEG_THETA", True)
+    hits.clear()
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    curvature(model, cal, want=("H",), direction=v, progress=False)
+    assert hits and max(hits) == 0
