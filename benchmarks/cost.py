@@ -19,7 +19,7 @@ import torch
 
 from common import save
 
-CRITERIA = ["fwd+bwd", "taylor", "oba", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)", "obd-fisher",
+CRITERIA = ["fwd+bwd", "taylor", "oba", "oba (no shortcut)", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)", "obd-fisher",
             "group-exact (1 probe)"]
 MODELS = {
     "resnet32": dict(kw={"in_channels": 3}, shape=(3, 32, 32), batch=128),
@@ -71,6 +71,10 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
             for opt in (o.strip() for o in opts.split(",")):
                 if opt == "checkpoint":
                     kw["checkpoint"] = True
+                elif opt == "no shortcut":  # the ordinary forward-AD products, without the δ = −θ shortcut
+                    import passes.curvature as _c
+
+                    _c.FAST_NEG_THETA = False
                 elif opt.startswith("micro_batch "):
                     kw["micro_batch"] = int(opt.split()[1])
                 else:
@@ -117,7 +121,9 @@ def main():
         out = subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--worker", m, c],
                              capture_output=True, text=True)
         if out.returncode != 0:
-            rows.append({"model": m, "criterion": c, "error": out.stderr.strip().splitlines()[-1]})
+            lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip() and "warn" not in ln.lower()]
+            why = "killed (out of memory?)" if out.returncode in (-9, 137) else (lines[-1] if lines else "")
+            rows.append({"model": m, "criterion": c, "error": f"exit {out.returncode}: {why}"})
             continue
         rows.append({"model": m, "criterion": c, **json.loads(out.stdout.strip().splitlines()[-1]),
                      **({"note": args.note} if args.note else {})})
