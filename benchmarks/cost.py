@@ -19,8 +19,8 @@ import torch
 
 from common import save
 
-CRITERIA = ["fwd+bwd", "taylor", "oba", "oba (no shortcut)", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)", "obd-fisher",
-            "group-exact (1 probe)"]
+CRITERIA = ["fwd+bwd", "taylor", "oba", "oba (no shortcut)", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)",
+            "obd-fisher", "group-exact (1 probe)"]
 MODELS = {
     "resnet32": dict(kw={"in_channels": 3}, shape=(3, 32, 32), batch=128),
     "vit_small": dict(kw={"in_channels": 3, "img_size": 32}, shape=(3, 32, 32), batch=128),
