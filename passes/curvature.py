@@ -17,6 +17,11 @@ is Hδ, with ċ = 0 it is Fδ = J̇ᵀc directly, and the primal is g either way
 is a plain vector-Jacobian product with cotangent u.  This is
 forward-over-reverse: one dual forward and one dual backward per quantity.
 
+With the default δ = −θ, linear and convolution layers use an exact shortcut
+(``_NegThetaMode``): the tangent of W·x is W(ẋ − x) and the tangent of its input
+gradient Wᵀ(ġ − g), one product each instead of two.  ``checkpoint=`` recomputes
+activations segment by segment (``passes/checkpoint.py``).
+
 Ops without forward-mode AD fall back to double backward (Pearlmutter's trick
 with ``create_graph``), and the third-order term uses triple backward.  Batches
 are weighted by size, so streaming equals the full-data computation; sums are
