@@ -186,7 +186,7 @@ def merge(out, names):
         keys = {_key(r) for r in other["rows"]}
         base["rows"] = [r for r in base["rows"] if _key(r) not in keys] + other["rows"]
         base["runs"] = [r for r in base["runs"] if _key(r) not in keys] + other["runs"]
-        base["commands"] += other.get("commands", [other.get("command", "")])[-1:]
+        base["commands"] += [c for c in other.get("commands", [other.get("command", "")]) if c not in base["commands"]]
     base["partial"] = False
     from oba_fx.io import write_json
 

@@ -228,7 +228,7 @@ def findings(results: dict) -> list[str]:
                     "channel alone." + signed_note]
     acc = results.get("accuracy")
     if acc:
-        rows = [r for r in acc["rows"] if r["criterion"] != "original"]
+        rows = [r for r in acc["rows"] if r["criterion"] != "original" and ":" not in r["criterion"]]
         wins = {}
         n_crit = len({r["criterion"] for r in rows})
         for key in dict.fromkeys((r["dataset"], r["model"], r["mode"], r["target_flops"]) for r in rows):

@@ -36,7 +36,7 @@ __all__ = ["compress", "CompressResult", "evaluate_loss", "DEFAULT_CRITERION", "
 
 #: The defaults of ``compress`` and the CLI, chosen from benchmarks/results/accuracy.json by the rule in
 #: ``benchmarks/report.py:recommend`` (tests/test_benchmarks.py checks they agree with the recorded data).
-DEFAULT_CRITERION = "oba"
+DEFAULT_CRITERION = "magnitude"
 DEFAULT_NORMALIZE = "none"
 
 
@@ -344,7 +344,9 @@ def compress(
                 lo = mid
         removal = removal_at(hi)
         t_select = time.perf_counter() - t0
-        predicted = float(sum(scores[gid][torch.as_tensor(ch)].sum() for gid, ch in removal.items()))
+        # magnitude and random scores are not loss changes: no prediction to report for them
+        predicted = None if criterion in ("magnitude", "random") else \
+            float(sum(scores[gid][torch.as_tensor(ch)].sum() for gid, ch in removal.items()))
         t0 = time.perf_counter()
         loss_before = evaluate_loss(graph.gm, batches, loss_fn)
         slim = graph.prune(removal)

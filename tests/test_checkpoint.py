@@ -121,9 +121,9 @@ def test_scores_and_compress_unchanged(criterion):
     for gid in a:
         assert torch.allclose(a[gid], b[gid], rtol=1e-5, atol=1e-9), gid
     if criterion == "oba":
-        r1 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, progress=False)
-        r2 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, progress=False, checkpoint=True,
-                             micro_batch=4)
+        r1 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, criterion="oba", progress=False)
+        r2 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, criterion="oba", progress=False,
+                             checkpoint=True, micro_batch=4)
         assert r1.report["step_reports"][0]["removed_channels"] == r2.report["step_reports"][0]["removed_channels"]
         x = cal[1][0]
         assert torch.equal(r1.model(x), r2.model(x))

@@ -276,8 +276,8 @@ def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
 
 def test_torchrun_compress_matches_single_process(trained, fmnist_dir, tmp_path):
     """`torchrun --nproc-per-node 2 -m oba_fx compress ...` (gloo): same pruning decision, rank 0 writes."""
-    common = ["compress", trained, "--data", fmnist_dir, "--target-flops", "0.5", "--calib-batches", "4",
-              "--calib-batch-size", "16", "--finetune-epochs", "1"]
+    common = ["compress", trained, "--data", fmnist_dir, "--target-flops", "0.5", "--criterion", "oba",
+              "--calib-batches", "4", "--calib-batch-size", "16", "--finetune-epochs", "1"]
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
              OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

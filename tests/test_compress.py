@@ -74,12 +74,17 @@ def test_every_route_lands_on_target(name, steps, scope, criterion, tmp_path):
 def test_report_contents():
     model, shape = _build("resnet32")
     cal = _data(shape)
-    res = oba_fx.compress(model, torch.randn(2, *shape), cal, target_flops=0.7, steps=2, progress=False)
+    res = oba_fx.compress(model, torch.randn(2, *shape), cal, target_flops=0.7, steps=2, criterion="oba",
+                          progress=False)
     r = res.report
     assert set(r) >= {"flops", "params", "widths", "step_reports", "seconds_total"}
     assert r["widths"]["before"]["conv1"] == [16, 3, 3, 3]
     s = r["step_reports"][0]
     assert {"predicted_delta_loss", "measured_delta_loss", "removed", "removed_channels", "seconds"} <= set(s)
+    assert isinstance(s["predicted_delta_loss"], float)
+    # magnitude scores are not loss changes: no prediction is reported for them
+    mag = oba_fx.compress(model, torch.randn(2, *shape), cal, target_flops=0.7, criterion="magnitude", progress=False)
+    assert mag.report["step_reports"][0]["predicted_delta_loss"] is None
     assert s["goal_fraction"] == pytest.approx(0.7**0.5)
     import json
 
