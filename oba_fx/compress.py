@@ -72,6 +72,9 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
     total, n = _dist.all_reduce_values(total, n)
     if n == 0:
         raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
+    if not math.isfinite(total / n):
+        raise CalibrationError(f"the calibration loss is {total / n} (not finite): check the inputs and the model "
+                               "for NaN/inf")
     return total / n
 
 
