@@ -186,7 +186,8 @@ def compress(
         calibration: iterable of (inputs, targets) batches; a DataLoader works.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameters to keep (instead of FLOPs).
-        criterion: a name from ``oba_fx.CRITERIA``, or a callable
+        criterion: a name from ``oba_fx.CRITERIA`` (default ``DEFAULT_CRITERION``, the
+            accuracy benchmark's choice by the rule in BENCHMARKS.md), or a callable
             ``criterion(graph, batches) -> {group id: per-channel scores}`` (signed
             predicted loss changes, ranked like the built-in ones).
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``; default cross-entropy.
