@@ -40,11 +40,14 @@ import torch.fx
 import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-__all__ = ["SegmentedGraph", "CheckpointError"]
+__all__ = ["SegmentedGraph", "RecomputeError"]
 
 
-class CheckpointError(ValueError):
-    """Activation checkpointing cannot be applied to this model or request."""
+class RecomputeError(ValueError):
+    """Activation checkpointing cannot be applied to this model or request.
+
+    (Not ``oba_fx.CheckpointError``, which is about training checkpoint files.)
+    """
 
 
 def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
@@ -56,7 +59,7 @@ def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
         # shares the model's submodules and parameters (no copy); the model is in eval mode here
         graph = _LeafTracer(default_leaf_types(), frozenset()).trace(model)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(
+        raise RecomputeError(
             f"checkpoint= needs a torch.fx-traceable model, and {type(model).__name__} failed to trace "
             f"({type(err).__name__}: {str(err).splitlines()[0][:160]}). Score the traced module "
             "(oba_fx.trace(model, x).gm), or use micro_batch= instead of checkpoint=") from err
@@ -74,13 +77,13 @@ class SegmentedGraph:
         self.output = outs[0]
         compute = [n for n in nodes if n.op not in ("placeholder", "output")]
         if not compute:
-            raise CheckpointError("checkpoint=: the model's graph has no operations to segment")
+            raise RecomputeError("checkpoint=: the model's graph has no operations to segment")
         if segments is True:
             k = max(2, round(math.sqrt(len(compute))))
         elif isinstance(segments, int) and not isinstance(segments, bool) and segments >= 1:
             k = segments
         else:
-            raise CheckpointError(f"checkpoint must be True or a positive number of segments, got {segments!r}")
+            raise RecomputeError(f"checkpoint must be True or a positive number of segments, got {segments!r}")
         self.index = {n: i for i, n in enumerate(nodes)}
         self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in nodes}
         # which nodes depend on the scored parameters (they need gradients)
@@ -117,11 +120,10 @@ class SegmentedGraph:
                 cuts.append(best)
         bounds = [0] + cuts + [len(compute)]
         self.chunks = [compute[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
-        self.crossing = [[]] + [crossing(pos) for pos in cuts]
-        # inputs are read by the first chunk only through the environment; store them for chunk 0 too
-        self.crossing[0] = [n for n in self.placeholders if self.last_use[n] >= 0]
+        # the first chunk starts from the graph inputs that are used
+        self.crossing = [[n for n in self.placeholders if self.last_use[n] >= 0]] + [crossing(pos) for pos in cuts]
         if len(self.output.all_input_nodes) != 1 or not isinstance(self.output.args[0], torch.fx.Node):
-            raise CheckpointError("checkpoint=: the model must return a single tensor (the logits)")
+            raise RecomputeError("checkpoint=: the model must return a single tensor (the logits)")
         self.result = self.output.args[0]
 
     # -- execution -------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class SegmentedGraph:
     def forward(self, params: dict[str, torch.Tensor], inputs: tuple) -> tuple[torch.Tensor, list[dict]]:
         """Run without recording; return the output and the crossing values of every cut."""
         if len(inputs) != len(self.placeholders):
-            raise CheckpointError(f"checkpoint=: the graph takes {len(self.placeholders)} inputs, got {len(inputs)}")
+            raise RecomputeError(f"checkpoint=: the graph takes {len(self.placeholders)} inputs, got {len(inputs)}")
         env = dict(zip(self.placeholders, inputs))
         saved = []
         with torch.no_grad(), _no_mha_fastpath(), _reparametrize_module(self.gm, params):

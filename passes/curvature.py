@@ -268,13 +268,13 @@ def curvature(
     loss_fn = loss_fn or default_loss
     sg = None
     if checkpoint:
-        from passes.checkpoint import CheckpointError, SegmentedGraph
+        from passes.checkpoint import RecomputeError, SegmentedGraph
 
         if "T3" in want:
-            raise CheckpointError("checkpoint= covers g, H, G and F; the third-order term (oba-k3) uses triple "
+            raise RecomputeError("checkpoint= covers g, H, G and F; the third-order term (oba-k3) uses triple "
                                   "backward, which recomputation cannot shorten. Use micro_batch= to save memory")
         if backend == "double-backward":
-            raise CheckpointError("checkpoint= works with the forward-over-reverse backend; use backend='auto'")
+            raise RecomputeError("checkpoint= works with the forward-over-reverse backend; use backend='auto'")
         with scoring_mode(model):
             sg = SegmentedGraph(model, names, checkpoint)
     acc: dict[str, dict[str, torch.Tensor]] = {
@@ -310,9 +310,9 @@ def curvature(
                         if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
                             raise
                         if sg is not None:
-                            from passes.checkpoint import CheckpointError
+                            from passes.checkpoint import RecomputeError
 
-                            raise CheckpointError(
+                            raise RecomputeError(
                                 "checkpoint= needs forward-mode AD for every op, and this model has one without it "
                                 f"({str(err).splitlines()[0][:160]}). Score without checkpoint=, or with "
                                 "micro_batch= to save memory") from err

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import models_zoo
 import oba_fx
 from dense_reference import dense
-from passes.checkpoint import CheckpointError, SegmentedGraph
+from passes.checkpoint import RecomputeError, SegmentedGraph
 from passes.curvature import curvature
 from tiny_models import TINY, make
 
@@ -109,27 +109,47 @@ def test_recomputation_really_happens():
     assert len(sg.chunks) >= 2 and max(len(c) for c in sg.crossing) <= 3
 
 
+@pytest.fixture
+def recomputes(monkeypatch):
+    """Counts segmented backward passes, so a test fails if checkpoint= is dropped on the way down."""
+    import passes.checkpoint as C
+
+    calls = []
+    orig = C.SegmentedGraph.backward
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(C.SegmentedGraph, "backward", spy)
+    return calls
+
+
 @pytest.mark.parametrize("criterion", ["oba", "oba-network", "oba-gn", "taylor", "obd"])
-def test_scores_and_compress_unchanged(criterion):
+def test_scores_and_compress_unchanged(criterion, recomputes):
     torch.manual_seed(0)
     model = models_zoo.create("resnet20", in_channels=1).eval()
     gen = torch.Generator().manual_seed(0)
     cal = [(torch.randn(6, 1, 28, 28, generator=gen), torch.randint(0, 10, (6,), generator=gen)) for _ in range(2)]
     graph = oba_fx.trace(model, cal[0][0][:2])
     a = oba_fx.group_scores(graph, cal, criterion, probes=2, progress=False)
+    assert not recomputes
     b = oba_fx.group_scores(graph, cal, criterion, probes=2, progress=False, checkpoint=True)
+    assert recomputes
     for gid in a:
         assert torch.allclose(a[gid], b[gid], rtol=1e-5, atol=1e-9), gid
     if criterion == "oba":
         r1 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, criterion="oba", progress=False)
+        recomputes.clear()
         r2 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, criterion="oba", progress=False,
                              checkpoint=True, micro_batch=4)
+        assert recomputes  # compress passed checkpoint= on
         assert r1.report["step_reports"][0]["removed_channels"] == r2.report["step_reports"][0]["removed_channels"]
         x = cal[1][0]
         assert torch.equal(r1.model(x), r2.model(x))
 
 
-def test_vit_and_unstructured():
+def test_vit_and_unstructured(recomputes):
     torch.manual_seed(0)
     model = models_zoo.create("vit_small", in_channels=1, img_size=28).double().eval()
     gen = torch.Generator().manual_seed(0)
@@ -139,16 +159,18 @@ def test_vit_and_unstructured():
     assert max(rel(b[n], a[n]) for n in a) <= 1e-12
     m2, cal2 = make("cnn_bn")
     u1 = oba_fx.compress_unstructured(m2, cal2, sparsity=0.5, progress=False)
+    recomputes.clear()
     u2 = oba_fx.compress_unstructured(m2, cal2, sparsity=0.5, progress=False, checkpoint=True)
+    assert recomputes
     for (n, b1), (_, b2) in zip(u1.model.named_buffers(), u2.model.named_buffers()):
         assert torch.equal(b1, b2), n
 
 
 def test_clear_errors():
     model, cal = make("relu_mlp")
-    with pytest.raises(CheckpointError, match="third-order.*micro_batch"):
+    with pytest.raises(RecomputeError, match="third-order.*micro_batch"):
         oba_fx.parameter_scores(model, cal, "oba-k3", progress=False, checkpoint=True)
-    with pytest.raises(CheckpointError, match="positive number of segments"):
+    with pytest.raises(RecomputeError, match="positive number of segments"):
         curvature(model, cal, progress=False, checkpoint=-2)
 
     class Untraceable(nn.Module):
@@ -162,7 +184,7 @@ def test_clear_errors():
             return -self.fc(x)
 
     m = Untraceable().double()
-    with pytest.raises(CheckpointError, match="fx-traceable.*micro_batch"):
+    with pytest.raises(RecomputeError, match="fx-traceable.*micro_batch"):
         curvature(m, cal, progress=False, checkpoint=True)
 
 
