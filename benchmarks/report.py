@@ -78,6 +78,9 @@ def fidelity(d: dict) -> list[str]:
             out.append(f"| {r['criterion']} | {_f(r['spearman_heldout'])} | {_f(r['kendall_heldout'])} | "
                        f"{_f(r['spearman_calibration'])} | {_f(r.get('spearman_within_group_mean'))} | "
                        f"{_f(r.get('spearman_signed_calibration'))} | {r['score_seconds']:.1f} |")
+        if of:
+            out += ["", f"group-exact's scoring time covers only the {s['channels']} ablated channels (one "
+                        "Hessian-vector product each); the other criteria score every channel."]
         out += ["", "Joint one-shot removal, no fine-tuning (held-out accuracy / loss):", ""]
         targets = sorted({r["target_flops"] for r in m["joint"] if r["criterion"] != "original"}, reverse=True)
         base = next(r for r in m["joint"] if r["criterion"] == "original")

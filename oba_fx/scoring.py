@@ -175,11 +175,13 @@ def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chun
                 with torch.no_grad():
                     _check_targets(model(*inputs), targets, bi)
             try:
-                gs = per_sample(params, inputs, targets)
+                with torch.no_grad():  # torch.func.grad ignores it; it keeps the ordinary tape off
+                    gs = per_sample(params, inputs, targets)
             except Exception:  # noqa: BLE001 - an op without vmap support: loop over samples
                 gs = {n: [] for n in names}
                 for i in range(targets.shape[0]):
-                    gi = grad(sample_loss)(params, tuple(x[i] for x in inputs), targets[i])
+                    with torch.no_grad():
+                        gi = grad(sample_loss)(params, tuple(x[i] for x in inputs), targets[i])
                     for n in names:
                         gs[n].append(gi[n])
                 gs = {n: torch.stack(v) for n, v in gs.items()}
@@ -357,10 +359,13 @@ def _channel_maps(graph, names):
 
 
 @_dist.accepts_process_group
-def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=64, seed=0, progress=True):
+def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=64, seed=0, progress=True,
+                       channels=None):
     """g_Sδ_S + ½ δ_SᵀH_SSδ_S for each channel S of each prunable group, alone.
 
     "vmap" is exact: a batched Hessian-vector product over the group's channels.
+    ``channels={group id: [channel, ...]}`` (vmap only) computes just those
+    channels, one HVP each; every other entry of the result is NaN.
     "probes" estimates the quadratic term with P random-sign probes over all
     channels of all groups at once: with v = Σ_c s_c δ_c and Rademacher s,
     E[s_c δ_cᵀ(Hv)] = δ_cᵀHδ_c, with variance Σ_{k≠c} (δ_cᵀHδ_k)² / P.
@@ -375,6 +380,16 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
     groups = graph.prunable_groups
     if method == "auto":
         method = "vmap" if sum(g.size for g in groups) <= 4096 else "probes"
+    if channels is not None:
+        if method != "vmap":
+            raise ValueError("channels= needs method='vmap' (the probe estimate covers every channel at once)")
+        sizes = {g.id: g.size for g in groups}
+        for gid, cs in channels.items():
+            if gid not in sizes:
+                raise ValueError(f"channels=: {gid!r} is not a prunable group id; see graph.prunable_groups")
+            bad = [c for c in cs if not 0 <= int(c) < sizes[gid]]
+            if bad:
+                raise ValueError(f"channels=: group {gid} has {sizes[gid]} channels, got indices {bad[:5]}")
     calibration = _reiterable(calibration)
     named = dict(model.named_parameters())
     names = [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
@@ -390,7 +405,7 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
             s += cm.reduce(gd[n].cpu(), g.size)
         first[g.id] = s
     if method == "vmap":
-        quad = _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress)
+        quad = _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, channels=channels)
         return {g.id: first[g.id] + 0.5 * quad[g.id] for g in groups}, None
     gen = torch.Generator().manual_seed(seed)
     sums = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
@@ -419,10 +434,17 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
     return scores, stderr
 
 
-def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk: int = 16):
-    """δ_cᵀ H δ_c for every channel, by vmapped forward-over-reverse HVPs over the touched params."""
+def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk: int = 8, channels=None):
+    """δ_cᵀ H δ_c for every channel (or those in ``channels``; the rest NaN), by vmapped forward-over-reverse
+    HVPs over the touched params."""
     loss_fn = loss_fn or default_loss
     out = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
+    if channels is not None:
+        for g in groups:
+            out[g.id][[c for c in range(g.size) if c not in set(int(c) for c in channels.get(g.id, ()))]] = math.nan
+        groups = [g for g in groups if len(channels.get(g.id, ()))]
+    which = {g.id: (torch.arange(g.size) if channels is None else
+                    torch.tensor(sorted(set(int(c) for c in channels[g.id])), dtype=torch.long)) for g in groups}
     total = 0
     device = next(iter(delta.values())).device
     try:
@@ -450,10 +472,14 @@ def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk
                     hv = jvp(grad(L), (p0,), (v,))[1]
                     return sum((v[k].to(torch.float64) * hv[k].to(torch.float64)).sum() for k in touched)
 
-                q = vmap(hvp_c, chunk_size=chunk)(torch.arange(g.size, device=device))
+                # torch.func.grad ignores an outer no_grad; the ordinary tape would otherwise record every
+                # chunk through the model's own (requires_grad) untouched parameters and keep all their
+                # activations alive until the group finishes.
+                with torch.no_grad():
+                    q = vmap(hvp_c, chunk_size=chunk)(which[g.id].to(device))
                 if not torch.isfinite(q).all():
                     raise CalibrationError(f"batch {bi}: non-finite Hessian product in group {g.id}")
-                out[g.id] += n * q.detach().cpu().to(torch.float64)
+                out[g.id][which[g.id]] += n * q.detach().cpu().to(torch.float64)
                 if bar:
                     bar.update(1)
             total += n

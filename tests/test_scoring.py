@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import math
+
 import pytest
 import torch
 from torch.func import grad, jacfwd
@@ -118,6 +120,15 @@ def test_group_exact_matches_dense(name):
     scores = oba_fx.group_scores(graph, cal, "group-exact", method="vmap", progress=False)
     for gid, vals in exact.items():
         assert torch.allclose(scores[gid], torch.tensor(vals, dtype=torch.float64), rtol=1e-8, atol=1e-12), gid
+    # channels=: only the named channels are computed (same values), the rest NaN
+    pick = {gid: [len(vals) - 1, 0] for gid, vals in list(exact.items())[::2]}
+    part, _ = oba_fx.group_exact_scores(graph, cal, method="vmap", progress=False, channels=pick)
+    for gid, vals in exact.items():
+        for c, v in enumerate(vals):
+            if c in pick.get(gid, ()):
+                assert part[gid][c].item() == pytest.approx(v, rel=1e-8, abs=1e-12), (gid, c)
+            else:
+                assert math.isnan(part[gid][c].item()), (gid, c)
     # probes: unbiased, within 5 standard deviations of the stated variance
     P = 200
     est, stderr = oba_fx.group_exact_scores(graph, cal, method="probes", probes=P, progress=False)
@@ -128,6 +139,18 @@ def test_group_exact_matches_dense(name):
             assert abs(est[gid][c].item() - v) <= 5 * sigma[i].item() + 1e-12, (gid, c)
             i += 1
         assert (stderr[gid] >= 0).all()
+
+
+def test_group_exact_channels_errors():
+    model, cal = make("cnn_bn")
+    graph = oba_fx.trace(model, cal[0][0])
+    g = graph.prunable_groups[0]
+    with pytest.raises(ValueError, match="method='vmap'"):
+        oba_fx.group_exact_scores(graph, cal, method="probes", channels={g.id: [0]}, progress=False)
+    with pytest.raises(ValueError, match="not a prunable group id"):
+        oba_fx.group_exact_scores(graph, cal, method="vmap", channels={-7: [0]}, progress=False)
+    with pytest.raises(ValueError, match=f"has {g.size} channels"):
+        oba_fx.group_exact_scores(graph, cal, method="vmap", channels={g.id: [g.size]}, progress=False)
 
 
 def test_group_scores_sum_member_slices():
