@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from common import save
+from common import ROOT, save
 
 CRITERIA = ["fwd+bwd", "taylor", "oba", "oba (no shortcut)", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)",
             "obd-fisher", "group-exact (1 probe)"]
@@ -96,7 +97,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--criteria", nargs="+", default=CRITERIA)
+    ap.add_argument("--criteria", nargs="+",
+                    help="criteria to measure (default: each model's own list; the small models run every criterion)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results/scoring_cost.json that this run does not measure")
     ap.add_argument("--note", help="a note stored on every row this run measures (e.g. that other work shared the CPU)")
@@ -115,8 +117,17 @@ def main():
                                                                     "oba (checkpoint, micro_batch 2)"]
     rows = []
     # the ImageNet-size models run the main criteria only (each of the others costs minutes per batch on a CPU)
-    jobs = [(m, c) for m in args.models for c in args.criteria
-            if args.smoke or c in {**MODELS, **SMOKE}[m].get("criteria", args.criteria)]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown and not args.smoke:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    known = set(CRITERIA).union(*(s.get("criteria", []) for s in MODELS.values()))
+    if args.criteria and not args.smoke and set(args.criteria) - known:
+        raise SystemExit(f"unknown criteria {sorted(set(args.criteria) - known)}; choose from {sorted(known)}")
+    if args.smoke:
+        jobs = [(m, c) for m in args.models for c in args.criteria]
+    else:
+        jobs = [(m, c) for m in args.models for c in MODELS[m].get("criteria", CRITERIA)
+                if args.criteria is None or c in args.criteria]
     for m, c in tqdm(jobs, desc="scoring cost"):
         out = subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--worker", m, c],
                              capture_output=True, text=True)
@@ -127,10 +138,12 @@ def main():
             continue
         rows.append({"model": m, "criterion": c, **json.loads(out.stdout.strip().splitlines()[-1]),
                      **({"note": args.note} if args.note else {})})
+    commands = []
     if args.merge:
         from common import RESULTS
 
         old = json.loads((RESULTS / "scoring_cost.json").read_text())
+        commands = [c for c in old.get("commands", [old.get("command")]) if c]
         done = {(r["model"], r["criterion"]) for r in rows}
         rows = [r for r in old["rows"] if (r["model"], r["criterion"]) not in done] + rows
         args.models = list(dict.fromkeys([r["model"] for r in rows]))
@@ -154,6 +167,8 @@ def main():
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "batches_timed": args.batches,
         "rows": rows,
+        # with --merge the file holds rows of several runs: keep every command that produced one
+        "commands": commands + ["python " + " ".join([os.path.relpath(sys.argv[0], ROOT.parent)] + sys.argv[1:])],
     })
     for r in rows:
         print(r)

@@ -81,3 +81,53 @@ def test_recommend_rule():
     rec = _report_module().recommend({"rows": rows})
     assert rec["criterion"] == "taylor" and rec["criterion_columns"] == 2
     assert rec["normalize"] == "mean" and rec["normalize_base"] == "oba"
+
+
+def test_seed_dominated_columns_are_paired():
+    """A column where every criterion moves with the seed is flagged and shown paired by seed; one where the
+    criteria differ more than the seeds is not."""
+    def run(crit, seed, a, model="m"):
+        return {"dataset": "d", "model": model, "criterion": crit, "mode": "one-shot", "target_flops": 0.5,
+                "seed": seed, "accuracy": a}
+
+    runs = [run("oba", 0, 0.60), run("oba", 1, 0.80), run("taylor", 0, 0.62), run("taylor", 1, 0.84),
+            run("random", 0, 0.10), run("random", 1, 0.95),  # random is left out
+            run("oba", 0, 0.60, "n"), run("oba", 1, 0.61, "n"), run("taylor", 0, 0.90, "n"),
+            run("taylor", 1, 0.91, "n")]
+    lines = _report_module()._seed_dominated({"runs": runs})
+    assert len(lines) == 1 and lines[0].startswith("- **m one-shot 50%: the seed dominates**")
+    # paired: taylor is 1.5 points above its seed's mean on average, oba 1.5 below
+    assert "taylor +1.5" in lines[0] and "oba -1.5" in lines[0]
+
+
+def test_noise_level_fidelity_models_reported_apart():
+    def model(name, frac, rho):
+        rows = [{"criterion": c, "spearman_heldout": rho + d, "spearman_calibration": 0.0}
+                for c, d in (("oba", 0.0), ("group-exact", 0.2), ("magnitude", 0.1), ("taylor", 0.05))]
+        return {"model": name, "single": {"channels": 10, "rows": rows, "base_loss_heldout": 0.5,
+                                          "true_delta_heldout": {"mean": 1e-5, "max": 1e-3, "frac_negative": frac}}}
+
+    fid = {"models": [model("clear", 0.1, 0.4), model("noisy", 0.45, -0.5)]}
+    text = "\n".join(_report_module().findings({"fidelity": fid}))
+    assert "(clear; mean held-out Spearman" in text and "group-exact +0.60" in text
+    assert "**noisy: single-channel ΔL is at the noise level**" in text and "45% of single removals" in text
+
+
+def test_cost_table_marks_notes_and_judges_each_model():
+    """Rows from runs with different notes get different footnote marks, and the 2.5× target is judged per
+    model (met on one model and missed on another is not reported as met)."""
+    def row(m, c, t, note):
+        return {"model": m, "criterion": c, "seconds_per_batch": t, "peak_rss_mb": 10.0, "rss_after_setup_mb": 1.0,
+                "time_vs_fwd_bwd": t, "extra_peak_mb": 9.0, "extra_peak_vs_fwd_bwd": 1.0, "note": note}
+
+    rows = [row("a", "fwd+bwd", 1.0, "run one"), row("a", "oba", 2.0, "run one"),
+            row("b", "fwd+bwd", 1.0, "run two"), row("b", "oba", 3.0, "run two"),
+            {"model": "b", "criterion": "oba-k3", "error": "exit -9: killed (out of memory?)"}]
+    d = {"description": "x", "machine": {}, "command": "c", "rows": rows}
+    text = "\n".join(_report_module().scoring_cost(d))
+    assert "| a | oba ¹ | 2.00 | 2.00 |" in text and "| b | oba ² | 3.00 | 3.00 |" in text
+    assert "¹ run one." in text and "² run two." in text
+    assert "**not met** (met on a only)" in text and "b oba 3.00× ²" in text
+    assert "| b | oba-k3 | error: exit -9" in text
+    rows[3]["time_vs_fwd_bwd"] = 2.4
+    assert "met on every model" in "\n".join(_report_module().scoring_cost(d))
