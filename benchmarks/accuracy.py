@@ -9,8 +9,8 @@ images, SGD + cosine + KD from the original.  An iterative run prunes in 5
 steps, re-scoring on fresh calibration batches at each step; the epochs are
 split over the steps when they divide evenly, and otherwise (the default single
 epoch) all fine-tuning runs after the last step, so the iterative column then
-measures re-scoring between removals, not fine-tuning between them.  Runs on Fashion-MNIST with models trained by this project
-(``models_zoo.trained``); with ``--cifar DIR`` it also runs on CIFAR-10 (models
+measures re-scoring between removals, not fine-tuning between them.  Runs on
+Fashion-MNIST with models trained by this project (``models_zoo.trained``); with ``--cifar DIR`` it also runs on CIFAR-10 (models
 trained here first, which takes long on a CPU).
 
     python benchmarks/accuracy.py [--models resnet20] [--seeds 0 1 2] [--smoke]
@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from common import save
+from common import command_line, save
 
 import oba_fx  # noqa: E402
 
@@ -39,7 +39,7 @@ def _subset(name, data, n):
     return oba_fx.get_dataset(name, data, limit_train=n)
 
 
-ITERATIVE_STEPS = 5  # benchmarks/report.py states how the fine-tuning budget falls on these steps
+ITERATIVE_STEPS = 5  # stored in the results as "iterative_steps"; report.py describes the budget from it
 
 
 def run_one(model, spec, calib_seed, target, criterion, steps, args, test):
@@ -185,15 +185,18 @@ def merge(out, names):
 
     base = backfill(json.loads((RESULTS / f"{out}.json").read_text()))
     base.setdefault("commands", [base.get("command", "")])
-    for name in names:
-        other = backfill(json.loads((RESULTS / f"{name}.json").read_text()))
+    others = [backfill(json.loads((RESULTS / f"{name}.json").read_text())) for name in names]
+    for name, other in zip(names, others):
         if other.get("partial"):
             print(f"note: {name} is a partial run; merging the cells it finished")
         keys = {_key(r) for r in other["rows"]}
         base["rows"] = [r for r in base["rows"] if _key(r) not in keys] + other["rows"]
         base["runs"] = [r for r in base["runs"] if _key(r) not in keys] + other["runs"]
         base["commands"] += [c for c in other.get("commands", [other.get("command", "")]) if c not in base["commands"]]
-    base["partial"] = False
+    steps = {d["iterative_steps"] for d in [base, *others] if "iterative_steps" in d}
+    if len(steps) > 1:
+        raise SystemExit(f"cannot merge runs made with different iterative step counts {sorted(steps)}")
+    base.update(partial=False, **({"iterative_steps": steps.pop()} if steps else {}))
     from oba_fx.io import write_json
 
     print("wrote", write_json(RESULTS / f"{out}.json", base))
@@ -204,7 +207,8 @@ def _payload(args, rows, raw, partial):
                            f"({args.finetune_epochs} epoch(s) over {args.finetune_samples} training images, KD from "
                            "the original), mean ± std over seeds",
             "settings": {k: v for k, v in vars(args).items() if k not in ("smoke", "_commands", "append", "merge", "out")},
-            "partial": partial, "commands": args._commands + ["python " + " ".join(sys.argv)],
+            "partial": partial, "commands": args._commands + [command_line()],
+            "iterative_steps": ITERATIVE_STEPS,
             "rows": rows, "runs": raw}
 
 

@@ -53,7 +53,11 @@ def machine() -> dict:
     }
 
 
+def command_line() -> str:
+    """The command that is running, as typed from the repository root."""
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT.parent)] + sys.argv[1:])
+
+
 def save(name: str, payload: dict) -> Path:
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT.parent)] + sys.argv[1:])
-    payload = {"benchmark": name, "machine": machine(), "command": command, **payload}
+    payload = {"benchmark": name, "machine": machine(), "command": command_line(), **payload}
     return write_json(RESULTS / f"{name}.json", payload)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 
 import torch
 
-from common import ROOT, save
+from common import command_line, save
 
 CRITERIA = ["fwd+bwd", "taylor", "oba", "oba (no shortcut)", "oba-network", "oba-gn", "oba-k3", "obd (1 probe)",
             "obd-fisher", "group-exact (1 probe)"]
@@ -93,6 +92,19 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
     return {"seconds_per_batch": seconds, "peak_rss_mb": _rss_mb(), "rss_after_setup_mb": base_rss}
 
 
+def select_jobs(models: list[str], criteria: list[str] | None) -> list[tuple[str, str]]:
+    """(model, criterion) pairs to measure: each model's own criteria (the ImageNet-size models run the main
+    ones and their memory controls; each of the others costs minutes per batch on a CPU), narrowed to
+    ``criteria`` when given."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    known = set(CRITERIA).union(*(s.get("criteria", []) for s in MODELS.values()))
+    if criteria and set(criteria) - known:
+        raise SystemExit(f"unknown criteria {sorted(set(criteria) - known)}; choose from {sorted(known)}")
+    return [(m, c) for m in models for c in MODELS[m].get("criteria", CRITERIA) if criteria is None or c in criteria]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, default=3)
@@ -116,18 +128,8 @@ def main():
         args.models, args.batches, args.criteria = list(SMOKE), 1, ["fwd+bwd", "oba", "oba-network",
                                                                     "oba (checkpoint, micro_batch 2)"]
     rows = []
-    # the ImageNet-size models run the main criteria only (each of the others costs minutes per batch on a CPU)
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown and not args.smoke:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
-    known = set(CRITERIA).union(*(s.get("criteria", []) for s in MODELS.values()))
-    if args.criteria and not args.smoke and set(args.criteria) - known:
-        raise SystemExit(f"unknown criteria {sorted(set(args.criteria) - known)}; choose from {sorted(known)}")
-    if args.smoke:
-        jobs = [(m, c) for m in args.models for c in args.criteria]
-    else:
-        jobs = [(m, c) for m in args.models for c in MODELS[m].get("criteria", CRITERIA)
-                if args.criteria is None or c in args.criteria]
+    jobs = [(m, c) for m in args.models for c in args.criteria] if args.smoke else select_jobs(args.models,
+                                                                                                 args.criteria)
     for m, c in tqdm(jobs, desc="scoring cost"):
         out = subprocess.run([sys.executable, __file__, "--batches", str(args.batches), "--worker", m, c],
                              capture_output=True, text=True)
@@ -168,7 +170,7 @@ def main():
         "batches_timed": args.batches,
         "rows": rows,
         # with --merge the file holds rows of several runs: keep every command that produced one
-        "commands": commands + ["python " + " ".join([os.path.relpath(sys.argv[0], ROOT.parent)] + sys.argv[1:])],
+        "commands": commands + [command_line()],
     })
     for r in rows:
         print(r)

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from common import save
+from common import command_line, save
 
 import oba_fx  # noqa: E402  (common puts the repo on sys.path)
 
@@ -224,7 +224,7 @@ def main():
         out = kept + out
         commands = old.get("commands", [old.get("command", "")])
     path = save("fidelity", {
-        "commands": commands + ["python " + " ".join(sys.argv)],
+        "commands": commands + [command_line()],
         "description": "single-channel removal: criterion score vs measured loss change (true ΔL by rewriting the "
                        "model without that channel); joint one-shot removal without fine-tuning",
         "calibration": {"batches": args.calib_batches, "batch_size": args.calib_batch_size,

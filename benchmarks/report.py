@@ -53,8 +53,8 @@ def scoring_cost(d: dict) -> list[str]:
     out += ["", "Targets (issues 3 and 6): `oba` ≤ 2.5× and `oba-network` ≤ 2.5× a forward+backward: "
             + verdict + ". Measured: " + "; ".join(got) + ". Forward-over-reverse "
             "does 9 matrix products per layer where a forward+backward does 3; the δ = −θ shortcut brings that to 7 "
-            "(compare the `oba` and `oba (no shortcut)` rows). Each row is one timed batch in one process on a 2-core "
-            "2-core machine; rows measured under different conditions carry a note. The paper's code measured "
+            "(compare the `oba` and `oba (no shortcut)` rows). Each row is one timed batch in one process; rows "
+            "measured under different conditions carry a note. The paper's code measured "
             "9.9–18.4× for its graph walk and 4.5× for FastOBA on CPU.", ""]
     return out
 
@@ -123,12 +123,13 @@ def accuracy(d: dict) -> list[str]:
                 f"{x['test_samples']} test images" for x in bd) + "."
         out += [f"### {model} on {ds}" + (f" (original: {100 * base['accuracy_mean']:.2f}%)" if base else ""), ""]
         if budget and any(r["mode"] == "iterative" for r in sub):
-            if all(x["finetune_epochs"] % 5 for x in bd):
-                budget += (" Iterative runs prune in 5 steps, re-scoring on fresh calibration batches at each step, and "
-                           "fine-tune once after the last step (the epochs do not divide into 5 steps): they measure "
-                           "re-scoring between removals, not fine-tuning between them.")
-            elif not any(x["finetune_epochs"] % 5 for x in bd):
-                budget += " Iterative runs prune in 5 steps and fine-tune for an equal share of the epochs after each."
+            n = d["iterative_steps"]
+            if all(x["finetune_epochs"] % n for x in bd):
+                budget += (f" Iterative runs prune in {n} steps, re-scoring on fresh calibration batches at each step, "
+                           f"and fine-tune once after the last step (the epochs do not divide into {n} steps): they "
+                           "measure re-scoring between removals, not fine-tuning between them.")
+            elif not any(x["finetune_epochs"] % n for x in bd):
+                budget += f" Iterative runs prune in {n} steps and fine-tune for an equal share of the epochs after each."
         if budget:
             out += [budget, ""]
         out += [

@@ -40,13 +40,21 @@ def test_report_renders_every_result(tmp_path):
         assert "Machine:" in text and "|" in text
 
 
-def _report_module():
+def _bench_module(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared `common` module
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return mod
+
+
+def _report_module():
+    return _bench_module("report")
 
 
 def test_defaults_follow_the_recorded_data():
@@ -131,3 +139,35 @@ def test_cost_table_marks_notes_and_judges_each_model():
     assert "| b | oba-k3 | error: exit -9" in text
     rows[3]["time_vs_fwd_bwd"] = 2.4
     assert "met on every model" in "\n".join(_report_module().scoring_cost(d))
+
+
+def test_cost_jobs_default_to_each_models_own_criteria():
+    """vit_b_16's memory-control rows run without being named (they were once silently skipped), the small
+    models run every criterion, --criteria narrows, and unknown names are refused with the valid choices."""
+    cost = _bench_module("cost")
+    jobs = cost.select_jobs(["vit_b_16", "resnet32"], None)
+    assert ("vit_b_16", "oba (checkpoint, micro_batch 4)") in jobs and ("vit_b_16", "oba-k3") not in jobs
+    assert {c for m, c in jobs if m == "resnet32"} == set(cost.CRITERIA)
+    assert cost.select_jobs(["vit_b_16", "resnet32"], ["oba (checkpoint)", "taylor"]) == [
+        ("vit_b_16", "taylor"), ("vit_b_16", "oba (checkpoint)"), ("resnet32", "taylor")]
+    with pytest.raises(SystemExit, match="unknown criteria.*bogus.*choose from"):
+        cost.select_jobs(["resnet32"], ["bogus"])
+    with pytest.raises(SystemExit, match="unknown model.*nope"):
+        cost.select_jobs(["nope"], None)
+
+
+def test_accuracy_table_bolds_complete_columns_and_states_the_iterative_budget():
+    def row(mode, crit, t, a):
+        return {"dataset": "d", "model": "m", "criterion": crit, "mode": mode, "target_flops": t, "accuracy_mean": a,
+                "accuracy_std": 0.01, "seeds": 3, "budget": {"finetune_epochs": 1, "finetune_samples": 10,
+                                                             "calib_batches": 1, "calib_batch_size": 2,
+                                                             "test_samples": 5}}
+
+    rows = [row("one-shot", "oba", 0.5, 0.9), row("one-shot", "taylor", 0.5, 0.8),
+            row("iterative", "oba", 0.5, 0.7)]  # taylor was not run iteratively: that column is incomplete
+    d = {"description": "x", "machine": {}, "command": "c", "iterative_steps": 5, "rows": rows}
+    text = "\n".join(_report_module().accuracy(d))
+    assert "| one-shot | oba | **90.00 ± 1.00** |" in text and "| iterative | oba | 70.00 ± 1.00 |" in text
+    assert "prune in 5 steps" in text and "fine-tune once after the last step" in text
+    d["iterative_steps"] = 1  # one epoch divides into one step
+    assert "equal share of the epochs" in "\n".join(_report_module().accuracy(d))
