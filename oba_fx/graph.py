@@ -54,7 +54,7 @@ class Graph:
 
     @property
     def warnings(self) -> list[str]:
-        return list(self._result.warnings)
+        return list(self._traced.warnings) + list(self._result.warnings)
 
     def group(self, gid: int) -> Group:
         for g in self._result.groups:

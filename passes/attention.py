@@ -10,7 +10,10 @@ same function.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -33,17 +36,22 @@ class SlimMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(num_heads * v_head_dim, out_dim, bias=True)
 
     @classmethod
-    def from_tensors(cls, m: nn.MultiheadAttention, in_w, in_b, out_w, out_b, heads, dqk, dv):
-        slim = cls(in_w.shape[1], out_w.shape[0], heads, dqk, dv, (m.head_dim) ** -0.5, m.batch_first, m.dropout,
+    def from_tensors(cls, m: nn.Module, in_w, in_b, out_w, out_b, heads, dqk, dv):
+        """A slim copy of ``m`` (nn.MultiheadAttention or SlimMultiheadAttention) with the given tensors.
+
+        The softmax scale stays the original's, and so do ``requires_grad`` and the mode.
+        """
+        scale = m.scale if isinstance(m, SlimMultiheadAttention) else m.head_dim ** -0.5
+        slim = cls(in_w.shape[1], out_w.shape[0], heads, dqk, dv, scale, m.batch_first, m.dropout,
                    in_b is not None)
         slim.out_proj = nn.Linear(out_w.shape[1], out_w.shape[0], bias=out_b is not None)
         with torch.no_grad():
             slim.in_proj_weight = nn.Parameter(in_w.detach().clone(), requires_grad=m.in_proj_weight.requires_grad)
             if in_b is not None:
                 slim.in_proj_bias = nn.Parameter(in_b.detach().clone(), requires_grad=m.in_proj_bias.requires_grad)
-            slim.out_proj.weight = nn.Parameter(out_w.detach().clone())
+            slim.out_proj.weight = nn.Parameter(out_w.detach().clone(), requires_grad=m.out_proj.weight.requires_grad)
             if out_b is not None:
-                slim.out_proj.bias = nn.Parameter(out_b.detach().clone())
+                slim.out_proj.bias = nn.Parameter(out_b.detach().clone(), requires_grad=m.out_proj.bias.requires_grad)
         slim.train(m.training)
         return slim
 
@@ -91,3 +99,83 @@ class SlimMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, out_dim={self.out_dim}, num_heads={self.num_heads}, "
                 f"qk_head_dim={self.qk_head_dim}, v_head_dim={self.v_head_dim}, batch_first={self.batch_first}")
+
+
+def slim_shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads,
+                                  shift_size, attention_dropout=0.0, dropout=0.0, qkv_bias=None, proj_bias=None,
+                                  logit_scale=None, training=True, *, qk_head_dim, v_head_dim, scale):
+    """torchvision's ``shifted_window_attention`` with free head widths (Swin / Swin V2).
+
+    torchvision derives the head width and the softmax scale from the input
+    width (``C // num_heads``) and writes the attention output back at width
+    C, which ties heads to the residual stream.  Here q/k heads are
+    ``qk_head_dim`` wide, v heads ``v_head_dim`` wide (``qkv_weight`` rows: q,
+    then k, then v), the output width is ``proj_weight.shape[0]``, and
+    ``scale`` is the original 1/sqrt(head dim) (unused with V2's cosine
+    attention).  With the original widths it computes exactly what
+    torchvision's function computes.
+
+    Shapes: input (B, H, W, C) -> (B, H, W, proj_weight.shape[0]).
+    """
+    B, H, W, C = input.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_H, pad_W, _ = x.shape
+    shift_size = list(shift_size)
+    if window_size[0] >= pad_H:
+        shift_size[0] = 0
+    if window_size[1] >= pad_W:
+        shift_size[1] = 0
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+    x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+    nq = num_heads * qk_head_dim
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        qkv_bias[nq : 2 * nq].zero_()
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = qkv.split([nq, nq, num_heads * v_head_dim], dim=-1)
+    n, L = x.size(0), x.size(1)
+    q = q.reshape(n, L, num_heads, qk_head_dim).transpose(1, 2)
+    k = k.reshape(n, L, num_heads, qk_head_dim).transpose(1, 2)
+    v = v.reshape(n, L, num_heads, v_head_dim).transpose(1, 2)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * scale).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift_size) > 0:
+        attn_mask = x.new_zeros((pad_H, pad_W))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+        count = 0
+        for h in h_slices:
+            for w in w_slices:
+                attn_mask[h[0] : h[1], w[0] : w[1]] = count
+                count += 1
+        attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
+        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
+        attn = attn.view(n // num_windows, num_windows, num_heads, L, L)
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, L, L)
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention_dropout, training=training)
+    x = attn.matmul(v).transpose(1, 2).reshape(n, L, num_heads * v_head_dim)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+    C_out = x.shape[-1]
+    x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C_out)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C_out)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+# a leaf in every trace, like torchvision's own function: re-tracing a slimmed Swin keeps it one call
+torch.fx.wrap("slim_shifted_window_attention")

@@ -25,6 +25,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import SlimMultiheadAttention, slim_shifted_window_attention
 from .trace import TensorSpec
 
 # ---------------------------------------------------------------------------
@@ -164,9 +165,8 @@ class _Rules:
                 continue
             if id(a) not in allowed:
                 self.freeze_reads(set(r), node, "the model uses this dimension's size in arithmetic")
-            elif a.name in self.derived:
-                # a size computed from another (C // heads): after pruning it would be stale
-                self.freeze_reads(set(r), node, "the model computes a reshape size from this dimension")
+            # a size argument read or computed from a shape (B, N, C // heads) is allowed: the
+            # rewrite replaces every argument that pruning makes stale (see rewrite._rewrite_sizes)
 
     # -- main loop ---------------------------------------------------------
     def run(self):
@@ -192,6 +192,7 @@ class _Rules:
                 size_args = None
             self.check_size_uses(node, size_args or ())
         self.apply_ignore()
+        self.c.size_reads = {k: frozenset(v) for k, v in self.reads.items()}
 
     def find_rule(self, node) -> Callable | None:
         if node.op == "call_module":
@@ -362,18 +363,21 @@ def embedding_rule(r: _Rules, node, m: nn.Embedding):
 
 
 def mha_rule(r: _Rules, node, m: nn.MultiheadAttention):
-    """nn.MultiheadAttention: embed dim, heads, q/k head dim and v head dim.
+    """nn.MultiheadAttention (and the rewrite's SlimMultiheadAttention): embed dim, heads, head dims.
 
     The inner projections are q = H x Dqk, k = H x Dqk, v = H x Dv; the rewrite
     replaces the module by one that allows inner width != embed dim.
     """
     name = node.target
     q_in, k_in, v_in = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
-    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-        r.freeze_all(node, f"{name}: MultiheadAttention with kdim/vdim, bias_k or add_zero_attn is not supported")
-        return
-    E, H = m.embed_dim, m.num_heads
-    D = E // H
+    if isinstance(m, SlimMultiheadAttention):
+        H, Dqk, Dv = m.num_heads, m.qk_head_dim, m.v_head_dim
+    else:
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            r.freeze_all(node, f"{name}: MultiheadAttention with kdim/vdim, bias_k or add_zero_attn is not supported")
+            return
+        H = m.num_heads
+        Dqk = Dv = m.embed_dim // H
     qs, ks, vs = r.V(q_in), r.V(k_in), r.V(v_in)
     out = r.V(node, (0,))
     w = r.c.param(f"{name}.in_proj_weight", {0: "head", 1: "consumer"})
@@ -382,13 +386,15 @@ def mha_rule(r: _Rules, node, m: nn.MultiheadAttention):
     for x in (qs, ks, vs):
         r.c.equal(x[-1], w[1])
     heads = r.c.virtual(f"{name}.num_heads", H)
-    dqk = r.c.virtual(f"{name}.qk_head_dim", D)
-    dv = r.c.virtual(f"{name}.v_head_dim", D)
-    for i, (part, dfac) in enumerate((("q", dqk), ("k", dqk), ("v", dv))):
-        inner = r.c.virtual(f"{name}.{part}", E)
-        r.c.equal(w[0], inner, np.arange(i * E, (i + 1) * E))
+    dqk = r.c.virtual(f"{name}.qk_head_dim", Dqk)
+    dv = r.c.virtual(f"{name}.v_head_dim", Dv)
+    off = 0
+    for part, dfac, D in (("q", dqk, Dqk), ("k", dqk, Dqk), ("v", dv, Dv)):
+        inner = r.c.virtual(f"{name}.{part}", H * D)
+        r.c.equal(w[0], inner, np.arange(off, off + H * D))
         if b is not None:
-            r.c.equal(b[0], inner, np.arange(i * E, (i + 1) * E))
+            r.c.equal(b[0], inner, np.arange(off, off + H * D))
+        off += H * D
         r.c.product(inner, [heads, dfac])
         if part == "v":
             r.c.equal(ow[1], inner)
@@ -438,7 +444,7 @@ MODULE_RULES: list[tuple[tuple[type, ...] | type, Callable]] = [
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
       nn.InstanceNorm3d, nn.GroupNorm, nn.PReLU), channel_norm_rule),
     (nn.LayerNorm, layer_norm_rule),
-    (nn.MultiheadAttention, mha_rule),
+    ((nn.MultiheadAttention, SlimMultiheadAttention), mha_rule),
     (_ELEMENTWISE_MODULES, elementwise_module_rule),
     (_POOL_MODULES, pool_module_rule),
     (nn.Flatten, flatten_module_rule),
@@ -587,6 +593,8 @@ def split_rule(r: _Rules, node):
             r.c.freeze(x[d], f"chunk into unequal pieces at node '{node.name}'")
     elif node.target in ("split", torch.split):
         r.c.node_notes[node.name]["split"] = d
+        # split sizes read from a shape (qkv.split(C, -1)) are rewritten to the new sections
+        return _flatten_nodes((node.args[1:2], {k: v for k, v in node.kwargs.items() if k != "dim"}))
     else:
         r.c.freeze(x[d], f"tensor_split at node '{node.name}'")
 
@@ -611,6 +619,14 @@ def getitem_rule(r: _Rules, node):
                 return
         return "unknown"
     x, y = r.V(src), r.V(node)
+    if _is_tensor(idx) and not _spec(idx).dtype.is_floating_point and _spec(idx).dtype != torch.bool:
+        # rows gathered by an integer index tensor (a relative-position table): the
+        # gathered dim stays, every trailing dim passes through
+        ix = r.V(idx)
+        r.c.freeze(x[0], f"rows selected by an index tensor at node '{node.name}'{_where(node)}")
+        r.eq_all(ix, y[: len(ix)])
+        r.eq_all(x[1:], y[len(ix):])
+        return None
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
         return "unknown"
@@ -780,20 +796,45 @@ def linear_fn_rule(r: _Rules, node):
 
 
 def conv_fn_rule(r: _Rules, node):
-    if _arg(node, 6, "groups", 1) != 1:
+    """F.conv1d/2d/3d with any weight tensor (a module's own Parameters, a standardised weight).
+
+    The kernel's spatial dims never shrink.  Grouped and depthwise convolutions
+    lose whole groups, as in ``conv_rule``; the rewrite updates the literal
+    ``groups`` argument.
+    """
+    groups = _arg(node, 6, "groups", 1)
+    if not isinstance(groups, int):
         return "unknown"
     x, w, y = r.V(node.args[0]), r.V(_arg(node, 1, "weight")), r.V(node)
     k = len(w) - 2
     cx, cy = len(x) - k - 1, len(y) - k - 1
     r.c.equal(y[cy], w[0])
-    r.c.equal(x[cx], w[1])
     b = _arg(node, 2, "bias")
     if _is_tensor(b):
         r.c.equal(y[cy], r.V(b)[0])
+    for d in range(k):
+        r.c.freeze(w[2 + d], "a convolution kernel's spatial size")
+    if groups == 1:
+        r.c.equal(x[cx], w[1])
+    else:
+        cin, cout = r.c.size(x[cx]), r.c.size(y[cy])
+        g = r.c.virtual(f"{node.name}.groups", groups)
+        r.c.equal(x[cx], g, np.arange(cin), np.arange(cin) // (cin // groups))
+        r.c.equal(y[cy], g, np.arange(cout), np.arange(cout) // (cout // groups))
+        r.c.freeze(w[1], f"input channels within a conv group at node '{node.name}'")
+        r.c.node_notes[node.name]["conv_groups"] = f"{node.name}.groups"
     if cx == 1:
         r.c.equal(x[0], y[0])
     for d in range(k):
         r.c.freeze(y[cy + 1 + d], "spatial size is set by the input")
+
+
+def reshape_as_rule(r: _Rules, node):
+    """``x.reshape_as(other)`` / ``x.view_as(other)``: a reshape whose output has other's dims."""
+    _reshape(r, node.args[0], node)
+    other = _arg(node, 1, "other")
+    if _is_tensor(other):
+        r.eq_all(r.V(other), r.V(node))
 
 
 def pool_fn_rule(r: _Rules, node):
@@ -919,6 +960,8 @@ for _k in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, 
     FUNCTION_RULES[_k] = pool_fn_rule
 FUNCTION_RULES[F.interpolate] = interpolate_rule
 FUNCTION_RULES[F.pad] = pad_rule
+FUNCTION_RULES[("method", "reshape_as")] = reshape_as_rule
+FUNCTION_RULES[("method", "view_as")] = reshape_as_rule
 FUNCTION_RULES[("method", "expand")] = expand_rule
 FUNCTION_RULES[("method", "expand_as")] = expand_rule
 FUNCTION_RULES[("method", "repeat")] = repeat_rule
@@ -938,6 +981,103 @@ def getattr_rule(r: _Rules, node):
 
 FUNCTION_RULES[builtins.getattr] = getattr_rule
 
+
+
+# --- torchvision Swin: functions torchvision marks with torch.fx.wrap --------
+
+_WINDOW_ATTENTION_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+                          "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale",
+                          "training")
+
+
+def window_attention_rule(r: _Rules, node):
+    """Swin's shifted_window_attention: heads, q/k and v head widths, residual width.
+
+    ``qkv_weight`` rows are q = H x Dqk, k = H x Dqk, v = H x Dv; ``proj_weight``
+    columns are v's; the relative-position bias (1, H, N, N) and V2's
+    ``logit_scale`` (H, 1, 1) carry one entry per head.  torchvision's function
+    derives the head width from the input width, so the rewrite calls
+    ``passes.attention.slim_shifted_window_attention`` with explicit widths and
+    the original scale.
+    """
+    a = {n: _arg(node, i, n) for i, n in enumerate(_WINDOW_ATTENTION_ARGS)}
+    H = a["num_heads"]
+    if not isinstance(H, int) or not _is_tensor(a["input"]) or not _is_tensor(a["qkv_weight"]):
+        return "unknown"
+    x, y, wq, wp = r.V(a["input"]), r.V(node), r.V(a["qkv_weight"]), r.V(a["proj_weight"])
+    if node.target is slim_shifted_window_attention:
+        Dqk, Dv, scale = node.kwargs["qk_head_dim"], node.kwargs["v_head_dim"], node.kwargs["scale"]
+    else:
+        Dqk = Dv = r.c.size(x[3]) // H
+        scale = Dqk ** -0.5
+    if r.c.size(wq[0]) != H * (2 * Dqk + Dv) or r.c.size(wp[1]) != H * Dv:
+        return "unknown"
+    r.c.equal(x[3], wq[1])
+    r.c.equal(y[3], wp[0])
+    if _is_tensor(a["proj_bias"]):
+        r.c.equal(y[3], r.V(a["proj_bias"])[0])
+    for d in range(3):
+        r.c.equal(x[d], y[d])
+    qb = r.V(a["qkv_bias"]) if _is_tensor(a["qkv_bias"]) else None
+    heads = r.c.virtual(f"{node.name}.num_heads", H)
+    dqk = r.c.virtual(f"{node.name}.qk_head_dim", Dqk)
+    dv = r.c.virtual(f"{node.name}.v_head_dim", Dv)
+    off = 0
+    for part, dfac, D in (("q", dqk, Dqk), ("k", dqk, Dqk), ("v", dv, Dv)):
+        inner = r.c.virtual(f"{node.name}.{part}", H * D)
+        r.c.equal(wq[0], inner, np.arange(off, off + H * D))
+        if qb is not None:
+            r.c.equal(qb[0], inner, np.arange(off, off + H * D))
+        off += H * D
+        r.c.product(inner, [heads, dfac])
+        if part == "v":
+            r.c.equal(wp[1], inner)
+    rpb = r.V(a["relative_position_bias"]) if _is_tensor(a["relative_position_bias"]) else None
+    if rpb is not None:
+        if len(rpb) != 4 or r.c.size(rpb[1]) != H:
+            return "unknown"
+        r.c.equal(rpb[1], heads)
+        for d in (0, 2, 3):
+            r.c.freeze(rpb[d], f"window positions of a relative-position bias at node '{node.name}'")
+    if _is_tensor(a["logit_scale"]):
+        ls = r.V(a["logit_scale"])
+        r.c.equal(ls[0], heads)
+    r.c.node_notes[node.name]["window_attention"] = {"scale": scale}
+
+
+def relative_position_bias_rule(r: _Rules, node):
+    """torchvision Swin's _get_relative_position_bias: table (T, H) -> (1, H, N, N)."""
+    table, index = _arg(node, 0, "relative_position_bias_table"), _arg(node, 1, "relative_position_index")
+    t, y = r.V(table), r.V(node)
+    r.c.equal(t[1], y[1])
+    r.c.freeze(t[0], f"relative-position table rows are selected by an index at node '{node.name}'")
+    for d in (0, 2, 3):
+        r.c.freeze(y[d], f"window positions of a relative-position bias at node '{node.name}'")
+    if _is_tensor(index):
+        r.freeze_value(index, "an index tensor")
+
+
+def patch_merging_pad_rule(r: _Rules, node):
+    """torchvision Swin's _patch_merging_pad: (..., H, W, C) -> (..., H/2, W/2, 4C), four strided copies."""
+    x, y = r.V(node.args[0]), r.V(node)
+    r.eq_all(x[:-3], y[:-3])
+    C = r.c.size(x[-1])
+    for k in range(4):
+        r.c.equal(x[-1], y[-1], np.arange(C), np.arange(k * C, (k + 1) * C))
+    for d in (-3, -2):
+        r.c.freeze(x[d], "spatial size is set by the input")
+        r.c.freeze(y[d], "spatial size is set by the input")
+
+
+FUNCTION_RULES[slim_shifted_window_attention] = window_attention_rule
+try:
+    from torchvision.models import swin_transformer as _tv_swin
+
+    FUNCTION_RULES[_tv_swin.shifted_window_attention] = window_attention_rule
+    FUNCTION_RULES[_tv_swin._get_relative_position_bias] = relative_position_bias_rule
+    FUNCTION_RULES[_tv_swin._patch_merging_pad] = patch_merging_pad_rule
+except ImportError:  # torchvision is optional for the coupling analysis
+    pass
 
 def apply_rules(c, ignore=()) -> None:
     """Run every rule; see ``passes/dependency.coupled_groups``."""

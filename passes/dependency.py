@@ -127,6 +127,9 @@ class Coupling:
         self.frozen: dict[int, str] = {}  # position -> reason (first reason wins)
         self._frozen_slots: list[tuple[int, np.ndarray | None, str]] = []
         self.node_notes: dict[str, dict] = defaultdict(dict)  # per-node facts for the rewrite pass
+        # python values computed from tensor shapes (``B, N, C = x.shape``; ``C // heads``):
+        # node name -> the slots whose sizes they depend on
+        self.size_reads: dict[str, frozenset[int]] = {}
         self.warnings: list[str] = []
 
     # -- slots ---------------------------------------------------------

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
+
+from .attention import SlimMultiheadAttention
 import torch.nn.functional as F
 
 from .trace import TensorSpec, TracedGraph
@@ -792,7 +794,7 @@ class _Analyzer:
             if parametrize.is_parametrized(m) or m._forward_pre_hooks or m._forward_hooks:
                 self.unknown(node, upstream | own, " with hooks or parametrizations")
                 return upstream | own
-            if isinstance(m, nn.MultiheadAttention):
+            if isinstance(m, (nn.MultiheadAttention, SlimMultiheadAttention)):
                 return self.mha(node, m, own)
             if isinstance(m, nn.Bilinear):
                 x1, x2 = _arg(node, 0, "input1"), _arg(node, 1, "input2")

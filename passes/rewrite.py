@@ -22,6 +22,7 @@ The traced module is never modified: the rewrite works on a deep copy.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import defaultdict
 from typing import Iterable, Mapping
 
@@ -31,7 +32,7 @@ import torch.fx
 import torch.nn as nn
 import torch_pruning as tp
 
-from .attention import SlimMultiheadAttention
+from .attention import SlimMultiheadAttention, slim_shifted_window_attention
 from .dependency import CouplingResult
 from .coupling_rules import _tensor_paths as _tensor_paths_of
 from .trace import TracedGraph, _Recorder
@@ -213,6 +214,10 @@ def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow
             _rewrite_sizes(node, pred)
         if "split" in notes:
             _rewrite_split(node, notes["split"], pred)
+        if "window_attention" in notes:
+            _rewrite_window_attention(node, notes["window_attention"], virtual)
+        if "conv_groups" in notes:
+            _set_arg(node, 6, "groups", virtual[notes["conv_groups"]])
         if "layer_norm_shape" in notes:
             k = notes["layer_norm_shape"]
             x = pred.shape(node.args[0])
@@ -225,10 +230,35 @@ def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow
                 node.kwargs = {**node.kwargs, "scale": notes["sdpa_scale"]}
     gm.graph.lint()
     gm.recompile()
-    gm.train(traced.source_training)
+    _restore_state(gm, traced)
     if check:
         verify_shapes(gm, traced, pred)
     return gm
+
+
+def _rewrite_window_attention(node: torch.fx.Node, note: dict, virtual: dict[str, int]) -> None:
+    """Swin attention with pruned heads or head widths: the explicit-width function, original scale."""
+    H = virtual[f"{node.name}.num_heads"]
+    _set_arg(node, 5, "num_heads", H)
+    node.target = slim_shifted_window_attention
+    node.kwargs = {**node.kwargs, "qk_head_dim": virtual[f"{node.name}.qk_head_dim"],
+                   "v_head_dim": virtual[f"{node.name}.v_head_dim"], "scale": note["scale"]}
+
+
+def _restore_state(gm: torch.fx.GraphModule, traced: TracedGraph) -> None:
+    """The slim module keeps the original's per-module train/eval flags and frozen parameters.
+
+    Slicing creates new ``nn.Parameter`` objects (torch-pruning's functions make
+    them trainable); ``requires_grad`` is copied back by qualified name.
+    """
+    gm.train(traced.source_training)
+    for name, m in gm.named_modules():
+        if name in traced.source_modes:
+            m.training = traced.source_modes[name]
+    frozen = traced.source_requires_grad
+    for n, p in gm.named_parameters(remove_duplicate=False):
+        if n in frozen and p.requires_grad != frozen[n]:
+            p.requires_grad_(frozen[n])
 
 
 def _has_node(x) -> bool:
@@ -259,6 +289,9 @@ class _Predictor:
             out.append(self.new_size(sid))
         return tuple(out)
 
+    def changed(self, sid: int) -> bool:
+        return self.new_size(sid) != self.c.size(sid)
+
     def orig(self, node, path=()) -> tuple[int, ...]:
         spec = self.c.traced.node(node.name).meta["spec"]
         for p in path:
@@ -273,7 +306,11 @@ def _replace_mha(gm, qualname: str, virtual: dict[str, int]) -> None:
     dv = virtual[f"{qualname}.v_head_dim"]
     E_in = m.in_proj_weight.shape[1]
     E_out = m.out_proj.weight.shape[0]
-    if (H, dqk, dv, E_in, E_out) == (m.num_heads, m.head_dim, m.head_dim, m.embed_dim, m.embed_dim):
+    if isinstance(m, SlimMultiheadAttention):
+        before = (m.num_heads, m.qk_head_dim, m.v_head_dim, m.embed_dim, m.out_dim)
+    else:
+        before = (m.num_heads, m.head_dim, m.head_dim, m.embed_dim, m.embed_dim)
+    if (H, dqk, dv, E_in, E_out) == before:
         return  # unchanged: keep the original module
     slim = SlimMultiheadAttention.from_tensors(
         m, m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias, H, dqk, dv
@@ -319,61 +356,98 @@ def _set_arg(node, pos: int, name: str, value) -> None:
 
 
 def _rewrite_sizes(node: torch.fx.Node, pred: _Predictor) -> None:
-    """Literal sizes in view/reshape/expand/unflatten follow the predicted output shape."""
+    """Size arguments of view/reshape/expand/unflatten follow the predicted output shape.
+
+    An argument is stale when its output dim changes size, or when it is a
+    python value computed from a dim that changes (``C`` of ``B, N, C = x.shape``
+    after the residual width shrinks, ``C // heads``).  A stale literal becomes
+    the new size.  A stale computed value becomes ``-1`` when it is the only one
+    of a view/reshape (so batch and sequence sizes stay dynamic), else the new
+    size as a literal: pruned dims are channel dims, whose size never depends
+    on the input.  Up-to-date computed values stay as they are.
+    """
     out, orig = pred.shape(node), pred.orig(node)
-    if out == orig:
-        return
     t = node.target
+    infer_ok = t in ("view", "reshape", torch.reshape)
     if t in ("unflatten", torch.unflatten):
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
         sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
         d = dim % len(pred.orig(node.args[0]))
-        new = [out[d + i] if isinstance(v, int) and v != -1 else v for i, v in enumerate(sizes)]
-        _set_arg(node, 2, "sizes", tuple(new))
+        new = _fix_seq(node, sizes, out[d : d + len(sizes)], orig[d : d + len(sizes)], pred, infer_ok=True)
+        if new is not None:
+            _set_arg(node, 2, "sizes", tuple(new))
         return
     for key in ("shape", "size"):
         if key in node.kwargs:
-            seq = node.kwargs[key]
-            node.kwargs = {**node.kwargs, key: tuple(_fix_seq(seq, out, orig))}
+            new = _fix_seq(node, node.kwargs[key], out, orig, pred, infer_ok)
+            if new is not None:
+                node.kwargs = {**node.kwargs, key: tuple(new)}
             return
-    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
-        node.args = (node.args[0], tuple(_fix_seq(node.args[1], out, orig)))
+    if len(node.args) == 2 and isinstance(node.args[1], (list, tuple, torch.fx.Node)):
+        new = _fix_seq(node, node.args[1], out, orig, pred, infer_ok)
+        if new is not None:
+            node.args = (node.args[0], tuple(new))
     else:
-        node.args = (node.args[0], *_fix_seq(node.args[1:], out, orig))
+        new = _fix_seq(node, node.args[1:], out, orig, pred, infer_ok)
+        if new is not None:
+            node.args = (node.args[0], *new)
 
 
-def _fix_seq(seq, out, orig) -> list:
+def _fix_seq(node, seq, out, orig, pred: _Predictor, infer_ok: bool) -> list | None:
+    """New size arguments for one reshape-like node, or None when nothing is stale."""
+    if isinstance(seq, torch.fx.Node):
+        # a whole shape passed as one value (``x.view(y.shape)``): index it per dim
+        if not _is_stale(seq, pred) and out == orig:
+            return None
+        with node.graph.inserting_before(node):
+            seq = [node.graph.call_function(operator.getitem, (seq, i)) for i in range(len(out))]
     seq = list(seq)
     if len(seq) != len(out):
-        raise RewriteError(f"size arguments {seq} do not match the output rank {len(out)}")
-    new = []
-    for v, n, o in zip(seq, out, orig):
-        if isinstance(v, int) and v != -1 and n != o:
-            new.append(n)
-        else:
-            new.append(v)
+        raise RewriteError(f"size arguments {seq} of node '{node.name}' do not match the output rank {len(out)}")
+    stale_values = [i for i, (v, n, o) in enumerate(zip(seq, out, orig))
+                    if isinstance(v, torch.fx.Node) and (n != o or _is_stale(v, pred))]
+    literal = [i for i, (v, n, o) in enumerate(zip(seq, out, orig)) if isinstance(v, int) and v != -1 and n != o]
+    if not stale_values and not literal:
+        return None
+    new = list(seq)
+    for i in literal:
+        new[i] = out[i]
+    infer = infer_ok and len(stale_values) == 1 and not any(isinstance(v, int) and v == -1 for v in seq)
+    for i in stale_values:
+        new[i] = -1 if infer else out[i]
     return new
+
+
+def _is_stale(value: torch.fx.Node, pred: _Predictor) -> bool:
+    """Does a python value computed from shapes depend on a dim whose size changes?"""
+    return any(pred.changed(s) for s in pred.c.size_reads.get(value.name, ()))
 
 
 def _rewrite_split(node: torch.fx.Node, dim: int, pred: _Predictor) -> None:
     paths = _tensor_paths_of(pred.c.traced.node(node.name).meta["spec"])
     new = [pred.shape(node, p)[dim] for p in paths]
     old = [pred.orig(node, p)[dim] for p in paths]
-    if new != old:
-        _set_arg(node, 1, "split_size_or_sections" if node.op == "call_function" else "split_size", new)
+    computed = _has_node((node.args[1:2], node.kwargs))  # sections read from a shape may be stale
+    if new != old or computed:
+        if "split_size_or_sections" in node.kwargs or "split_size" in node.kwargs:
+            key = "split_size_or_sections" if "split_size_or_sections" in node.kwargs else "split_size"
+            node.kwargs = {**node.kwargs, key: new}
+        else:
+            _set_arg(node, 1, "split_size_or_sections" if node.op == "call_function" else "split_size", new)
 
 
 def verify_shapes(gm: torch.fx.GraphModule, traced: TracedGraph, pred: _Predictor) -> None:
     """Run the rewritten graph and compare every tensor's shape with the prediction."""
     with torch.no_grad():
-        was = gm.training
+        modes = {name: m.training for name, m in gm.named_modules()}
         gm.eval()
         try:
             _Recorder(gm).run(*traced.example_inputs)
         except Exception as err:  # noqa: BLE001
             raise RewriteError(f"the slimmed graph fails on the example inputs: {type(err).__name__}: {err}") from err
         finally:
-            gm.train(was)
+            for name, m in gm.named_modules():  # per module: a user's eval-mode submodule stays in eval
+                m.training = modes[name]
     for node in gm.graph.nodes:
         if node.op == "output":
             continue

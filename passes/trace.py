@@ -13,6 +13,7 @@ import copy
 import linecache
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -45,7 +46,9 @@ def default_leaf_types() -> tuple[type, ...]:
     torchvision's StochasticDepth reads ``self.training`` in python; as a leaf
     it stays a runtime decision instead of being baked in at trace time.
     """
-    leaves: list[type] = []
+    from .attention import SlimMultiheadAttention  # python branches on the input rank: a leaf with its own rule
+
+    leaves: list[type] = [SlimMultiheadAttention]
     try:
         from torchvision.ops import StochasticDepth
 
@@ -55,21 +58,73 @@ def default_leaf_types() -> tuple[type, ...]:
     return tuple(leaves)
 
 
+#: methods a subclass may define and still run ``torch.nn``'s own forward
+_HARMLESS_METHODS = frozenset({"__init__", "reset_parameters", "extra_repr", "__repr__", "__setstate__",
+                               "_get_name", "__getstate__", "_load_from_state_dict"})
+
+
+def _torch_nn_base(m: torch.nn.Module) -> type | None:
+    """The nearest ``torch.nn`` class of a user subclass whose forward is torch.nn's own, else None.
+
+    ``class MyConv(nn.Conv2d)`` that only changes ``__init__`` computes exactly
+    what nn.Conv2d computes, so it is traced as a leaf and gets nn.Conv2d's
+    coupling rule.  A subclass that overrides ``forward`` (timm's StdConv2d) is
+    traced through instead: its own code is what runs.
+    """
+    for cls in type(m).__mro__[1:]:
+        if cls.__module__.startswith("torch.nn") and cls is not torch.nn.Module:
+            break
+    else:
+        return None
+    if isinstance(m, (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)):
+        return None
+    for sub in type(m).__mro__:
+        if sub is cls:
+            return cls
+        for name, v in vars(sub).items():
+            if callable(v) and name not in _HARMLESS_METHODS and hasattr(cls, name):
+                return None  # overrides torch.nn behaviour
+    return cls
+
+
+def _is_norm_act(m: torch.nn.Module) -> bool:
+    """A BatchNorm subclass that adds only elementwise children (timm's BatchNormAct2d).
+
+    timm registers these as fx leaves.  As leaves they keep reading
+    ``self.training`` at run time, so the slim model trains its statistics
+    like the original; the channel-norm coupling rule applies (the activation
+    and dropout act elementwise).
+    """
+    if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        return False
+    elementwise = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Identity, torch.nn.Dropout,
+                   torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish,
+                   torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.PReLU, torch.nn.Dropout2d)
+    kids = list(m.children())
+    return all(isinstance(k, elementwise) and not any(True for _ in k.children()) for k in kids) and all(
+        not isinstance(k, torch.nn.PReLU) for k in kids)
+
+
 class _LeafTracer(torch.fx.Tracer):
     """fx tracer with torch.nn modules as leaves plus the user's choices.
 
-    It remembers which submodules are being traced, so a failure can name the
-    one the user should mark as a leaf.
+    Subclasses of torch.nn modules that keep torch.nn's forward, and BatchNorm
+    subclasses with an elementwise activation, are leaves too.  It remembers
+    which submodules are being traced, so a failure can name the one the user
+    should mark as a leaf.
     """
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
-        super().__init__()
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], autowrap_functions=()):
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self._oba_autowrap = tuple(autowrap_functions)
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self._oba_stack: list[str] = []
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if not type(m).__module__.startswith("torch.nn") and (_torch_nn_base(m) is not None or _is_norm_act(m)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -137,12 +192,18 @@ class TracedGraph:
             multi-output nodes, or None) and ``dtype``; edges run from argument
             to user.
         source_training: the training flag of the user's model when traced.
+        source_modes: every submodule's training flag when traced (the rewrite restores them).
+        source_requires_grad: every parameter's ``requires_grad`` when traced (kept by the rewrite).
+        warnings: what tracing could not represent (python branches on ``self.training``).
     """
 
     gm: torch.fx.GraphModule
     example_inputs: tuple
     ir: nx.DiGraph = field(repr=False)
     source_training: bool = False
+    source_modes: dict[str, bool] = field(default_factory=dict)
+    source_requires_grad: dict[str, bool] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def node(self, name: str) -> torch.fx.Node:
         return self._nodes[name]
@@ -214,25 +275,12 @@ def trace_module(
     if unknown:
         raise ValueError(f"leaf_modules names no submodule: {sorted(unknown)}; use names from model.named_modules()")
 
+    _check_names(model)
     private = copy.deepcopy(model)
-    private.eval()  # python branches on self.training are baked in: trace the inference graph
-    tracer = _LeafTracer(leaf_types, leaf_names)
-    try:
-        graph = tracer.trace(private)
-    except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
-        where = _user_frame(sys.exc_info()[2])
-        inside = tracer._oba_stack[-1] if tracer._oba_stack else None
-        hint = (
-            f"pass leaf_modules=['{inside}'] (or its type {type(private.get_submodule(inside)).__name__}) "
-            "to treat that submodule as an opaque call"
-            if inside
-            else "pass leaf_modules=[...] naming the submodule that contains this code"
-        )
-        raise TraceFailure(
-            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
-            f"  failing code: {where}\n"
-            f"  fix: {hint}; its channels are then kept frozen."
-        ) from err
+    graph, tracer = _trace_or_explain(private, model, leaf_types, leaf_names)
+    warns: list[str] = []
+    if warns_train := _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer):
+        warns.append(warns_train)
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     # unpickling a GraphModule re-traces its code with `_tracer_cls`; ours needs constructor
     # arguments, and the plain Tracer (all modules kept as leaves on reload) is what we want
@@ -247,4 +295,178 @@ def trace_module(
                 f"the traced graph of {type(model).__name__} failed on the example inputs: "
                 f"{type(err).__name__}: {err}. Check that example_inputs match what model(*example_inputs) expects."
             ) from err
-    return TracedGraph(gm=gm, example_inputs=args, ir=build_ir(gm), source_training=model.training)
+    for w in warns:
+        warnings.warn(w, stacklevel=3)
+    return TracedGraph(gm=gm, example_inputs=args, ir=build_ir(gm), source_training=model.training,
+                       source_modes={name: m.training for name, m in model.named_modules()},
+                       source_requires_grad={n: p.requires_grad for n, p in
+                                             model.named_parameters(remove_duplicate=False)},
+                       warnings=warns)
+
+
+#: attributes of torch.fx.GraphModule that a top-level submodule or tensor must not shadow
+_GRAPHMODULE_NAMES = frozenset(n for n in dir(torch.fx.GraphModule) if not n.startswith("__")) | {"meta", "graph"}
+
+
+def _check_names(model: torch.nn.Module) -> None:
+    clash = sorted({n.split(".")[0] for n, _ in model.named_children()} & _GRAPHMODULE_NAMES
+                   | {n for n, _ in model.named_parameters(recurse=False)} & _GRAPHMODULE_NAMES
+                   | {n for n, _ in model.named_buffers(recurse=False)} & _GRAPHMODULE_NAMES)
+    if clash:
+        raise TraceFailure(
+            f"{type(model).__name__} has top-level attribute(s) {clash} that clash with torch.fx.GraphModule's own "
+            f"'{clash[0]}', so torch.fx cannot build the traced module. Fix: rename the attribute, or wrap the "
+            "model (`nn.Sequential(model)`; its names then start with '0.')."
+        )
+
+
+def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retried=False):
+    """Trace ``private`` in eval mode; on failure retry with timm's registered fx leaves, else explain."""
+    private.eval()  # python branches on self.training follow the inference code (see _follow_training_flag)
+    tracer = _LeafTracer(leaf_types, leaf_names, autowrap)
+    try:
+        return tracer.trace(private), tracer
+    except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
+        timm_fx = sys.modules.get("timm.layers._fx")
+        if timm_fx is not None and not retried:
+            # timm registers the modules and functions its own fx feature extraction cannot trace
+            leaves = tuple(timm_fx._leaf_modules)
+            fns = tuple(timm_fx._autowrap_functions)
+            if leaves or fns:
+                try:
+                    return _trace_or_explain(private, model, leaf_types + leaves, leaf_names, fns, retried=True)
+                except TraceFailure:
+                    pass
+        where = _user_frame(sys.exc_info()[2])
+        inside = tracer._oba_stack[-1] if tracer._oba_stack else None
+        hint = (
+            f"pass leaf_modules=['{inside}'] (or its type {type(private.get_submodule(inside)).__name__}) "
+            "to treat that submodule as an opaque call"
+            if inside
+            else "pass leaf_modules=[...] naming the submodule that contains this code"
+        )
+        raise TraceFailure(
+            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
+            f"  failing code: {where}\n"
+            f"  fix: {hint}; its channels are then kept frozen."
+        ) from err
+
+
+def by_mode(training: bool, train_value: Any, eval_value: Any) -> Any:
+    """``train_value if training else eval_value``: a mode-dependent argument in a traced graph."""
+    return train_value if training else eval_value
+
+
+def _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer) -> str | None:
+    """Make arguments that depend on ``self.training`` read the flag at run time.
+
+    Tracing bakes python values: ``F.dropout(x, p, training=self.training)``
+    would stay at the traced mode forever.  The model is traced a second time
+    in train mode; every argument that differs between the two graphs is
+    rewritten, in the eval graph, to ``by_mode(<module>.training, train, eval)``,
+    where <module> is the innermost module whose code made the call.  When the
+    two graphs differ in structure (python ``if self.training:`` branches), the
+    eval graph is kept and a warning is returned.
+    """
+    private.train()
+    try:
+        train_graph = _LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap).trace(private)
+    except Exception:  # noqa: BLE001 - a model that cannot trace in train mode keeps its eval graph
+        train_graph = None
+    finally:
+        private.eval()
+    if train_graph is None:
+        return None
+    ev, tr = list(graph.nodes), list(train_graph.nodes)
+    same = len(ev) == len(tr)
+    diffs = []
+    pos = {n: i for i, n in enumerate(tr)}
+    epos = {n: i for i, n in enumerate(ev)}
+    if same:
+        for e, t in zip(ev, tr):
+            if e.op != t.op or (e.target != t.target and not _same_constant(private, e, t)):
+                same = False
+                break
+            d = _arg_diffs((e.args, e.kwargs), (t.args, t.kwargs), epos, pos)
+            if d is None:
+                same = False
+                break
+            for path, ev_val, tr_val in d:
+                diffs.append((e, path, ev_val, tr_val))
+    if not same:
+        first = next((e for e, t in zip(ev, tr) if e.op != t.op
+                      or (e.target != t.target and not _same_constant(private, e, t))
+                      or _arg_diffs((e.args, e.kwargs), (t.args, t.kwargs), epos, pos) is None), None) \
+            if len(ev) == len(tr) else None
+        stack = (first.meta.get("nn_module_stack") or {}) if first is not None else {}
+        inside = f" (in '{next(reversed(stack))}')" if stack else ""
+        return (f"oba_fx: {type(model).__name__}'s python code branches on self.training{inside}: the traced "
+                "graph follows the eval-mode code, and the slimmed model runs that code in train mode too "
+                "(dropout and batch-norm modules still follow their own mode)")
+    for node, path, ev_val, tr_val in diffs:
+        owner = ""
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            owner = next(reversed(stack))
+            owner = owner if isinstance(owner, str) else ""
+        with graph.inserting_before(node):
+            flag = graph.get_attr(f"{owner}.training" if owner else "training")
+            value = flag if (tr_val is True and ev_val is False) else graph.call_function(
+                by_mode, (flag, tr_val, ev_val))
+        args, kwargs = _set_path((node.args, node.kwargs), path, value)
+        node.args, node.kwargs = args, kwargs
+    return None
+
+
+def _same_constant(root, a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Two traces name the tensor constants they create differently (``_tensor_constant0`` / ``4``)."""
+    if a.op != "get_attr" or not (a.target.startswith("_tensor_constant") and b.target.startswith("_tensor_constant")):
+        return False
+    x, y = getattr(root, a.target, None), getattr(root, b.target, None)
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+
+
+def _arg_diffs(a, b, apos, bpos, path=()):
+    """Leaf-wise differences of two argument structures: [(path, a, b)], or None when they differ in shape."""
+    if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):
+        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and apos[a] == bpos[b]:
+            return []
+        return None
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return None
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _arg_diffs(x, y, apos, bpos, path + (i,))
+            if d is None:
+                return None
+            out += d
+        return out
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return None
+        out = []
+        for k in a:
+            d = _arg_diffs(a[k], b[k], apos, bpos, path + (k,))
+            if d is None:
+                return None
+            out += d
+        return out
+    if type(a) is not type(b):
+        return None
+    try:
+        equal = bool(a == b)
+    except Exception:  # noqa: BLE001
+        return None
+    return [] if equal else [(path, a, b)]
+
+
+def _set_path(struct, path, value):
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(struct, dict):
+        return {**struct, head: _set_path(struct[head], rest, value)}
+    items = list(struct)
+    items[head] = _set_path(items[head], rest, value)
+    return type(struct)(items) if isinstance(struct, tuple) else items
