@@ -3,10 +3,16 @@
 Each step traces the current model, scores every prunable group's channels on
 calibration data, and removes the lowest-importance channels until the step's
 FLOPs (or parameter) target is met.  The number of channels to remove is found
-by bisection over the ranked list, counting FLOPs of candidate rewrites on the
-meta device (no data is copied), so a step stops as soon as its target is met:
+by bisection over the ranked list, so a step stops as soon as its target is met:
 it overshoots by at most one channel's FLOPs.  Step targets follow a geometric
 schedule and never pass the final target.
+
+Every FLOPs figure (the original model, the bisection's candidates, the step
+reports, the final before/after) comes from one counter,
+:func:`oba_fx.counting.forward_cost`: on the meta device (the candidates are
+rewrites of a meta copy of the traced graph; no weights are copied), or, when
+the original model cannot run on meta, on its own device with the fused
+attention/RNN kernels off.  The path taken is in ``report["flops_counter"]``.
 """
 from __future__ import annotations
 
@@ -21,14 +27,13 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from passes import distributed as _dist
-from passes.curvature import CalibrationError, default_loss, scoring_mode, split_batch, _to
+from passes.curvature import CalibrationError, _check_targets, _to, default_loss, scoring_mode, split_batch
 from passes.rewrite import rewrite
-from passes.trace import TracedGraph, as_args
+from passes.trace import TracedGraph
 
-from .counting import count
+from .counting import COUNTERS, _to_meta, example_args, forward_cost
 from .graph import Graph, trace
 from .scoring import CRITERIA, group_scores, rank_scores
 
@@ -46,8 +51,10 @@ class CompressResult:
 
     Attributes:
         model: the slimmed ``torch.fx.GraphModule``.
-        report: JSON-able dict: FLOPs/params before and after, per-layer
-            widths, groups removed, predicted vs measured ΔL per step, timings.
+        report: JSON-able dict: FLOPs/params before and after, the counter
+            that produced them (``flops_counter``: ``method`` "meta" or
+            "device", ``fallback_reason``, ``description``), per-layer widths,
+            groups removed, predicted vs measured ΔL per step, timings.
     """
 
     model: nn.Module
@@ -56,7 +63,13 @@ class CompressResult:
 
 @_dist.accepts_process_group
 def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None) -> float:
-    """Mean loss over ``batches`` in eval mode (mode restored, buffers untouched)."""
+    """Mean loss over ``batches`` in eval mode (mode restored, buffers untouched).
+
+    With the default cross-entropy the targets are checked against the output
+    first (class indices in [0, classes - 1], or probabilities of the output's
+    shape), so a bad label is a ``CalibrationError`` naming the valid range.
+    """
+    user_loss = loss_fn is not None
     loss_fn = loss_fn or default_loss
     total, n = 0.0, 0
     device = next(model.parameters()).device
@@ -67,7 +80,13 @@ def evaluate_loss(model: nn.Module, batches: Iterable, loss_fn: Callable | None 
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
             b = int(inputs[0].shape[0])
-            total += float(loss_fn(model(*inputs), targets)) * b
+            out = model(*inputs)
+            if not user_loss:
+                if not isinstance(out, torch.Tensor):
+                    raise CalibrationError(f"batch {bi}: the model returned {type(out).__name__}; the default "
+                                           "cross-entropy needs one logits tensor: pass loss_fn=")
+                _check_targets(out, targets, bi)
+            total += float(loss_fn(out, targets)) * b
             n += b
     total, n = _dist.all_reduce_values(total, n)
     if n == 0:
@@ -107,20 +126,44 @@ class _Stream:
         return batches
 
 
-def _meta_traced(graph: Graph) -> TracedGraph:
+def _bisection_graph(graph: Graph, method: str) -> TracedGraph:
+    """The traced graph the bisection rewrites: a meta copy (no weights copied), or the real one.
+
+    ``method`` is the path :func:`forward_cost` took for the original model; the
+    candidates are counted on the same path, so the goal and the figures it is
+    compared with come from one counter.
+    """
     t = graph._traced
-    gm = copy.deepcopy(t.gm).to("meta")
-    args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in t.example_inputs)
-    return TracedGraph(gm=gm, example_inputs=args, ir=t.ir, source_training=False)
+    if method != "meta":
+        return t
+    return TracedGraph(gm=_meta_copy(t.gm), example_inputs=_to_meta(t.example_inputs), ir=t.ir,
+                       source_training=False)
 
 
-def _meta_cost(meta: TracedGraph, result, removal, measure: str) -> int:
-    slim = rewrite(meta, result, removal, check=False) if removal else meta.gm
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose tensors are meta tensors; the weights are never copied.
+
+    The deepcopy memo maps every parameter, buffer and plain tensor attribute to
+    its meta stand-in before the copy starts, so the copy allocates no storage.
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo.setdefault(id(b), b.detach().to("meta"))
+    for m in module.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor):
+                memo.setdefault(id(v), v.detach().to("meta"))
+    return copy.deepcopy(module, memo)
+
+
+def _candidate_cost(traced: TracedGraph, result, removal, measure: str, method: str) -> int:
+    """Cost of ``traced`` with ``removal`` applied, by the library's one counter."""
+    slim = rewrite(traced, result, removal, check=False) if removal else traced.gm
     if measure == "params":
-        return sum(p.numel() for p in slim.parameters())
-    with FlopCounterMode(display=False) as fc:
-        slim(*meta.example_inputs)
-    return int(fc.get_total_flops())
+        return sum(p.numel() for p in {id(p): p for p in slim.parameters()}.values())
+    return forward_cost(slim, traced.example_inputs, on=method).flops
 
 
 def _group_key(g) -> str:
@@ -149,6 +192,38 @@ def _frozen_summary(graph: Graph, limit: int = 8) -> str:
     reasons = Counter(g.reason for g in graph.groups if not g.prunable)
     lines = [f"  {n} group(s): {r}" for r, n in reasons.most_common(limit)]
     return "\n".join(lines) if lines else "  (no groups at all)"
+
+
+#: Layers the coupling analysis cannot slim yet (their channel structure lives inside one opaque kernel).
+_UNSUPPORTED_LAYERS = (nn.RNNBase, nn.RNNCellBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder,
+                       nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _unsupported_layers(graph: Graph) -> list[str]:
+    """``'name' (nn.Type)`` for every recurrent/Transformer module the traced graph calls as a leaf."""
+    modules = dict(graph.gm.named_modules())
+    found = {}
+    for n in graph.gm.graph.nodes:
+        m = modules.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, _UNSUPPORTED_LAYERS):
+            found[n.target] = f"'{n.target}' (nn.{type(m).__name__})"
+    return list(found.values())
+
+
+def _unreachable_fix(graph: Graph, best: float) -> str:
+    """The "Fix:" part of a target-cannot-be-reached message; ``best`` is the lowest reachable fraction."""
+    layers = _unsupported_layers(graph)
+    if not layers:
+        return "Fix: a higher target, a larger max_layer_ratio, fewer ignored layers, or rules for the ops above."
+    head = (f"Recurrent and Transformer layers (nn.LSTM/GRU/RNN, nn.TransformerEncoder/Decoder) are not yet "
+            f"supported for pruning: {', '.join(layers)}. They keep all their channels, and so do the layers "
+            "coupled to them, so compress can only prune the rest of the model")
+    if best < 1 - 1e-9:
+        return (f"{head}: at best {best:.1%} of the original here. Fix: a target of at least {best:.1%}, with "
+                "ignore=[...] for any other layer to keep whole.")
+    return (f"{head}, and here nothing else is removable. Fix: compress the parts of the model without these "
+            "layers on their own (e.g. a convolutional or MLP submodule with its own example inputs), and "
+            "ignore=[...] any layer there to keep whole.")
 
 
 @_dist.accepts_process_group
@@ -182,7 +257,8 @@ def compress(
 
     Args:
         model: the trained model; never modified.
-        example_inputs: inputs for tracing and FLOPs counting (a tensor or tuple).
+        example_inputs: inputs for tracing and FLOPs counting: a tensor, or a
+            tuple/list with one element per positional argument of ``forward``.
         calibration: iterable of (inputs, targets) batches; a DataLoader works.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameters to keep (instead of FLOPs).
@@ -216,7 +292,9 @@ def compress(
 
     Raises:
         ValueError: bad targets or options, or a target that frozen groups make
-            unreachable (the message lists what is frozen and why).
+            unreachable (the message lists what is frozen and why, and names
+            recurrent/Transformer layers, which are not yet supported).
+        TypeError: ``example_inputs`` that ``model.forward`` cannot take.
         CalibrationError: empty data, NaN loss, targets that do not fit.
         TraceFailure: the model cannot be traced.
     """
@@ -247,10 +325,11 @@ def compress(
     if iter(calibration) is calibration:  # a one-shot iterator: keep it for all steps
         calibration = list(calibration)
     ignore = tuple(ignore)
-    args = as_args(example_inputs)
+    args = example_args(model, example_inputs)
     t_start = time.perf_counter()
 
-    flops0, params0 = count(model, args)
+    cost0 = forward_cost(model, args)
+    flops0, params0, method = cost0.flops, cost0.params, cost0.method
     base = params0 if measure == "params" else flops0
     final_goal = target * base
     stream = _Stream(calibration, batches_per_step)
@@ -269,8 +348,8 @@ def compress(
         groups = graph.prunable_groups
         if step == 1:
             original_sizes = {_group_key(g): g.size for g in graph.groups}
-        meta = _meta_traced(graph)
-        now = _meta_cost(meta, graph._result, {}, measure)
+        counted = _bisection_graph(graph, method)
+        now = _candidate_cost(counted, graph._result, {}, measure, method)
         if now <= goal:
             step_reports.append({"step": step, "goal": goal, "before": now, "after": now, "removed": {},
                                  "note": "already at the target"})
@@ -280,15 +359,14 @@ def compress(
             orig = original_sizes.get(_group_key(g), g.size)
             max_removed_total = min(int(math.floor(max_layer_ratio * orig)), orig - 1)
             caps[g.id] = max(0, min(g.size - 1, max_removed_total - (orig - g.size)))
-        floor_cost = _meta_cost(meta, graph._result, {gid: list(range(n)) for gid, n in caps.items() if n}, measure) \
-            if any(caps.values()) else now
+        floor_cost = _candidate_cost(counted, graph._result, {gid: list(range(n)) for gid, n in caps.items() if n},
+                                     measure, method) if any(caps.values()) else now
         if floor_cost > goal:
             raise ValueError(
                 f"the {measure} target cannot be reached: removing every removable channel "
                 f"(max_layer_ratio={max_layer_ratio}) leaves {floor_cost / base:.1%} of the original {measure}, "
                 f"above the step-{step} goal {goal / base:.1%}. {len(groups)} of {len(graph.groups)} groups are "
-                f"prunable; frozen groups:\n{_frozen_summary(graph)}\n"
-                "Fix: a higher target, a larger max_layer_ratio, fewer ignored layers, or rules for the ops above."
+                f"prunable; frozen groups:\n{_frozen_summary(graph)}\n{_unreachable_fix(graph, floor_cost / base)}"
             )
         batches = stream.next()
         t0 = time.perf_counter()
@@ -331,16 +409,17 @@ def compress(
             hi = len(order)
         # smallest k whose rewrite meets the goal (cost is non-increasing in k)
         lo, evals = 0, 0
-        cost_hi = _meta_cost(meta, graph._result, removal_at(hi), measure)
+        cost_hi = _candidate_cost(counted, graph._result, removal_at(hi), measure, method)
         evals += 1
         if cost_hi > goal:
             raise ValueError(
                 f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove leaves "
-                f"{cost_hi / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}"
+                f"{cost_hi / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}\n"
+                f"{_unreachable_fix(graph, cost_hi / base)}"
             )
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            c = _meta_cost(meta, graph._result, removal_at(mid), measure)
+            c = _candidate_cost(counted, graph._result, removal_at(mid), measure, method)
             evals += 1
             if c <= goal:
                 hi = mid
@@ -378,7 +457,8 @@ def compress(
             finetune(slim, step)
             step_report["seconds"]["finetune"] = time.perf_counter() - t0
             step_report["loss_after_finetune"] = evaluate_loss(slim, batches, loss_fn)
-        f, p = count(slim, args)
+        cost = forward_cost(slim, args, on=method)
+        f, p = cost.flops, cost.params
         step_report["after"] = p if measure == "params" else f
         step_report["flops_after"], step_report["params_after"] = f, p
         step_reports.append(step_report)
@@ -386,13 +466,16 @@ def compress(
     if current is model:
         current = trace(model, args, leaf_modules=leaf_modules, ignore=ignore).gm
         current.train(model.training)
-    flops1, params1 = count(current, args)
+    cost1 = forward_cost(current, args, on=method)
+    flops1, params1 = cost1.flops, cost1.params
     report = {
         "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
         "scope": scope,
         "steps": steps,
         "target": {measure: target},
         "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0 if flops0 else None},
+        "flops_counter": {"method": method, "fallback_reason": cost0.note or None,
+                          "description": COUNTERS[method]},
         "params": {"before": params0, "after": params1, "ratio": params1 / params0},
         "widths": {"before": widths_before, "after": _widths(current)},
         "step_reports": step_reports,

@@ -26,7 +26,7 @@ from passes.trace import as_args
 
 from .io import atomic_write
 
-__all__ = ["save", "load", "export_onnx", "OnnxMismatch", "FORMAT"]
+__all__ = ["save", "load", "export_onnx", "output_names", "OnnxMismatch", "FORMAT"]
 
 FORMAT = "oba_fx.module/1"
 
@@ -85,7 +85,9 @@ def export_onnx(
     """Export to ONNX, check it, run it in onnxruntime and compare with PyTorch.
 
     The file is written only if onnx.checker passes and onnxruntime's outputs
-    match PyTorch's within ``rtol`` (max |diff| / max |reference|).  onnxruntime
+    match PyTorch's within ``rtol`` (max |diff| / max |reference|), each one.
+    Outputs that are a dict, tuple or list (nested too) become named ONNX
+    outputs, see :func:`output_names`.  onnxruntime
     uses the CUDA provider when torch sees a GPU, else the CPU provider.
 
     Args:
@@ -108,8 +110,7 @@ def export_onnx(
     try:
         with torch.no_grad():
             ref = model(*args)
-        refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-        out_names = ["output"] if len(refs) == 1 else [f"output_{i}" for i in range(len(refs))]
+        out_names, refs = output_names(ref)
         errors = []
 
         def write(tmp: str) -> None:
@@ -125,19 +126,61 @@ def export_onnx(
             onnx.checker.check_model(tmp)
             sess = ort.InferenceSession(tmp, providers=_providers())
             feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
+            onnx_names = [o.name for o in sess.get_outputs()]
+            if onnx_names != out_names:
+                raise OnnxMismatch(f"the ONNX graph has outputs {onnx_names}, PyTorch's flattened output has "
+                                   f"{out_names}; the file was not written")
             got = sess.run(None, feeds)
-            for k, (g, r) in enumerate(zip(got, refs)):
+            for name, g, r in zip(out_names, got, refs):
                 r = r.detach().cpu().numpy()
                 if g.shape != r.shape:
-                    raise OnnxMismatch(f"output {k}: onnxruntime shape {g.shape} vs PyTorch {r.shape}")
+                    raise OnnxMismatch(f"output {name!r}: onnxruntime shape {g.shape} vs PyTorch {r.shape}")
+                if r.size == 0:
+                    continue
+                if r.dtype == np.bool_ or np.issubdtype(r.dtype, np.integer):
+                    if not np.array_equal(g, r):
+                        raise OnnxMismatch(f"output {name!r}: onnxruntime's integer values differ from PyTorch's; "
+                                           "the file was not written")
+                    continue
                 rel = float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30))
                 if not rel <= rtol:
-                    raise OnnxMismatch(f"output {k}: onnxruntime differs from PyTorch by {rel:.2e} relative "
+                    raise OnnxMismatch(f"output {name!r}: onnxruntime differs from PyTorch by {rel:.2e} relative "
                                        f"(tolerance {rtol:.0e}); the file was not written")
 
         return atomic_write(path, write)
     finally:
         model.train(was)
+
+
+def output_names(output) -> tuple[list[str], list[torch.Tensor]]:
+    """ONNX output names and tensors for a model output of any structure, in ``torch.utils._pytree`` order.
+
+    One tensor is ``"output"``; dict keys name their values (``{"out": …, "aux": …}``
+    gives ``"out"``, ``"aux"``); sequence items are ``output_0``, ``output_1`` …;
+    nested structures join the parts with ``.`` (``{"x": (a, b)}`` gives ``x.0``, ``x.1``).
+    Both exporters flatten outputs in this order.
+
+    Raises:
+        TypeError: a leaf is not a tensor (ONNX outputs are tensors only).
+    """
+    from torch.utils import _pytree as pytree
+
+    if isinstance(output, torch.Tensor):
+        return ["output"], [output]
+    flat, _ = pytree.tree_flatten_with_path(output)
+    names, tensors = [], []
+    for path, leaf in flat:
+        parts = [str(k.key) if isinstance(k, pytree.MappingKey) else str(k.idx) if isinstance(k, pytree.SequenceKey)
+                 else str(getattr(k, "name", k)) for k in path]
+        name = ".".join(parts)
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"the model's output {name!r} is a {type(leaf).__name__}; ONNX outputs must be tensors. "
+                            "Wrap the model to return only tensors")
+        names.append(name if path and isinstance(path[0], pytree.MappingKey) else f"output_{name}")
+        tensors.append(leaf)
+    if len(set(names)) != len(names):
+        raise TypeError(f"the model's output names {names} are not unique; wrap the model to return distinct keys")
+    return names, tensors
 
 
 def _export(model, args, path, names, out_names, opset, dynamic_batch, use_dynamo):

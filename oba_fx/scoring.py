@@ -30,8 +30,10 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from passes import distributed as _dist
-from passes.curvature import (CalibrationError, _check_targets, _to, composite_norms, curvature, default_loss,
-                              scoring_mode, split_batch)
+from torch.utils import _pytree as pytree
+
+from passes.curvature import (CalibrationError, _to, check_default_loss_output, composite_norms, curvature,
+                              default_loss, scoring_mode, split_batch)
 
 __all__ = ["CRITERIA", "parameter_scores", "group_scores", "rank_scores", "group_exact_scores"]
 
@@ -173,7 +175,7 @@ def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chun
             inputs, targets = _to(inputs, device), _to(targets, device)
             if loss_fn is default_loss:
                 with torch.no_grad():
-                    _check_targets(model(*inputs), targets, bi)
+                    check_default_loss_output(model(*inputs), targets, bi)
             try:
                 with torch.no_grad():  # torch.func.grad ignores it; it keeps the ordinary tape off
                     gs = per_sample(params, inputs, targets)
@@ -459,17 +461,31 @@ def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
             n = int(targets.shape[0]) if isinstance(targets, torch.Tensor) and targets.ndim else 1
+            t_leaves, t_spec = pytree.tree_flatten(targets)
+            t_float = [i for i, t in enumerate(t_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            t0 = tuple(t_leaves[i] for i in t_float)
+            t_zero = tuple(torch.zeros_like(t) for t in t0)
+
+            def rebuild_targets(tensors, t_leaves=t_leaves, t_spec=t_spec, t_float=t_float):
+                leaves = list(t_leaves)
+                for i, t in zip(t_float, tensors):
+                    leaves[i] = t
+                return pytree.tree_unflatten(leaves, t_spec)
+
             for g in groups:
                 cm = {k: v.to(device) for k, v in maps[g.id].items()}
                 touched = list(cm)
                 p0 = {k: delta[k].neg() for k in touched}  # θ
 
-                def L(p):
-                    return loss_fn(functional_call(model, p, inputs), targets)
+                def L(p, target_tensors):
+                    return loss_fn(functional_call(model, p, inputs), rebuild_targets(target_tensors))
 
                 def hvp_c(c):
                     v = {k: torch.where(cm[k].mask(c), delta[k], torch.zeros_like(delta[k])) for k in touched}
-                    hv = jvp(grad(L), (p0,), (v,))[1]
+                    # the targets get explicit zero tangents: left out, the losses' backward formulas see a
+                    # ZeroTensor tangent, which some update in place (mse_loss's double backward divides it by
+                    # the element count: "ZeroTensors are immutable")
+                    hv = jvp(grad(L), (p0, t0), (v, t_zero))[1]
                     return sum((v[k].to(torch.float64) * hv[k].to(torch.float64)).sum() for k in touched)
 
                 # torch.func.grad ignores an outer no_grad; the ordinary tape would otherwise record every

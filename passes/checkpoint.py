@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.fx
 import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
 
 __all__ = ["SegmentedGraph", "RecomputeError"]
 
@@ -122,9 +123,12 @@ class SegmentedGraph:
         self.chunks = [compute[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
         # the first chunk starts from the graph inputs that are used
         self.crossing = [[n for n in self.placeholders if self.last_use[n] >= 0]] + [crossing(pos) for pos in cuts]
-        if len(self.output.all_input_nodes) != 1 or not isinstance(self.output.args[0], torch.fx.Node):
-            raise RecomputeError("checkpoint=: the model must return a single tensor (the logits)")
-        self.result = self.output.args[0]
+        # the output may be any structure of values (a dict for segmentation models, a tuple, ...): its leaves,
+        # in the order torch.utils._pytree flattens the structure the model returns
+        self.result_leaves, self.result_spec = pytree.tree_flatten(_plain(self.output.args[0]))
+        self.results = {n for n in self.result_leaves if isinstance(n, torch.fx.Node)}
+        if not self.results:
+            raise RecomputeError("checkpoint=: the model's output does not depend on its inputs")
 
     # -- execution -------------------------------------------------------------------------------------------
     def _run(self, interp: torch.fx.Interpreter, env: dict, chunk, free: bool):
@@ -133,11 +137,11 @@ class SegmentedGraph:
             env[n] = interp.run_node(n)
             if free:
                 for a in n.all_input_nodes:
-                    if self.last_use[a] <= self.index[n] and a is not self.result:
+                    if self.last_use[a] <= self.index[n] and a not in self.results:
                         env.pop(a, None)
 
-    def forward(self, params: dict[str, torch.Tensor], inputs: tuple) -> tuple[torch.Tensor, list[dict]]:
-        """Run without recording; return the output and the crossing values of every cut."""
+    def forward(self, params: dict[str, torch.Tensor], inputs: tuple) -> tuple[Any, list[dict]]:
+        """Run without recording; return the output (the model's structure) and the crossing values of every cut."""
         if len(inputs) != len(self.placeholders):
             raise RecomputeError(f"checkpoint=: the graph takes {len(self.placeholders)} inputs, got {len(inputs)}")
         env = dict(zip(self.placeholders, inputs))
@@ -147,17 +151,32 @@ class SegmentedGraph:
             for j, ch in enumerate(self.chunks):
                 saved.append({n: _clone(env[n]) for n in self.crossing[j]})
                 self._run(interp, env, ch, free=True)
-        return env[self.result], saved
+        for n in self.results:
+            if not isinstance(env[n], torch.Tensor):
+                raise RecomputeError(
+                    f"checkpoint=: the output leaf {n.name} is a {type(env[n]).__name__}, not a tensor; unpack it in "
+                    "the model's forward, or score without checkpoint= (micro_batch= also saves memory)")
+        out = [env[n] if isinstance(n, torch.fx.Node) else n for n in self.result_leaves]
+        return pytree.tree_unflatten(out, self.result_spec), saved
 
     def backward(self, saved: list[dict], leaves: dict[str, torch.Tensor], directions: dict[str, torch.Tensor],
-                 cotangents: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+                 cotangents: list[list[torch.Tensor | None]]) -> list[list[torch.Tensor | None]]:
         """Gradients w.r.t. ``leaves`` of the output contracted with each (dual) cotangent.
 
-        Must be called inside the ``fwAD.dual_level`` the forward ran in.
+        ``cotangents[q]`` is one list per quantity, aligned with the flattened
+        output leaves (None where a leaf gets no cotangent); a value that
+        appears at several leaves receives their sum.  Must be called inside
+        the ``fwAD.dual_level`` the forward ran in.
         """
         names = list(leaves)
         acc: list[list[Any]] = [[None] * len(names) for _ in cotangents]
-        cot = [{self.result: c} for c in cotangents]
+        cot = []
+        for per_leaf in cotangents:
+            seed: dict = {}
+            for n, c in zip(self.result_leaves, per_leaf):
+                if isinstance(n, torch.fx.Node) and c is not None:
+                    seed[n] = c if n not in seed else seed[n] + c
+            cot.append(seed)
         for j in reversed(range(len(self.chunks))):
             ch = self.chunks[j]
             outs = [n for n in ch if n in cot[0] and n in self.param_dependent]
@@ -207,6 +226,17 @@ def _no_mha_fastpath():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(was)
+
+
+def _plain(arg):
+    """torch.fx's immutable_dict/immutable_list output arguments as the dict/list the graph module returns."""
+    if isinstance(arg, dict):
+        return {k: _plain(v) for k, v in arg.items()}
+    if isinstance(arg, list):
+        return [_plain(v) for v in arg]
+    if isinstance(arg, tuple) and not hasattr(arg, "_fields"):
+        return tuple(_plain(v) for v in arg)
+    return arg
 
 
 def _clone(v):

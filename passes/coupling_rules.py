@@ -611,9 +611,10 @@ def getitem_rule(r: _Rules, node):
     src, idx = node.args
     if not _is_tensor(src):
         # selecting from a multi-output node (tuple of tensors)
-        if isinstance(idx, int):
+        spec = _spec(src)
+        if isinstance(idx, int) and isinstance(spec, tuple) and -len(spec) <= idx < len(spec):
             y = r.V(node)
-            x = r.V(src, (idx,))
+            x = r.V(src, (idx % len(spec),))  # spx[-1] is the same slot as spx[2]
             if y is not None and x is not None:
                 r.eq_all(x, y)
                 return
@@ -646,6 +647,12 @@ def getitem_rule(r: _Rules, node):
         elif isinstance(i, int):
             r.c.freeze(x[xi], f"integer indexing at node '{node.name}'{_where(node)}")
             xi += 1
+        elif isinstance(i, slice) and any(isinstance(v, torch.fx.Node) for v in (i.start, i.stop, i.step)):
+            why = f"sliced with computed bounds at node '{node.name}'{_where(node)}"
+            r.c.freeze(x[xi], why)
+            r.c.freeze(y[yi], why)
+            xi += 1
+            yi += 1
         elif isinstance(i, slice):
             n = r.c.size(x[xi])
             if range(n)[i] == range(n):
@@ -829,6 +836,34 @@ def conv_fn_rule(r: _Rules, node):
         r.c.freeze(y[cy + 1 + d], "spatial size is set by the input")
 
 
+def roll_rule(r: _Rules, node):
+    """torch.roll: positions move along the rolled dims (frozen); every other dim passes through."""
+    x, y = r.V(node.args[0]), r.V(node)
+    dims = _arg(node, 2, "dims")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        rolled = set(range(len(x)))  # flattened roll
+    else:
+        rolled = {_norm_dim(d, len(x)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    for k in range(len(x)):
+        if k in rolled:
+            r.c.freeze(x[k], f"rolled at node '{node.name}'")
+            r.c.freeze(y[k], f"rolled at node '{node.name}'")
+        else:
+            r.c.equal(x[k], y[k])
+
+
+def cumsum_rule(r: _Rules, node):
+    """cumsum: positions along the summed dim mix (frozen); every other dim passes through."""
+    x, y = r.V(node.args[0]), r.V(node)
+    d = _norm_dim(_arg(node, 1, "dim"), len(x))
+    for k in range(len(x)):
+        if k == d:
+            r.c.freeze(x[k], f"cumulative sum along this dim at node '{node.name}'")
+            r.c.freeze(y[k], f"cumulative sum along this dim at node '{node.name}'")
+        else:
+            r.c.equal(x[k], y[k])
+
+
 def reshape_as_rule(r: _Rules, node):
     """``x.reshape_as(other)`` / ``x.view_as(other)``: a reshape whose output has other's dims."""
     _reshape(r, node.args[0], node)
@@ -883,7 +918,13 @@ def repeat_rule(r: _Rules, node):
         r.c.freeze(y[d], f"a dim created by repeat at node '{node.name}'")
     for d, s in enumerate(x):
         rep = reps[off + d]
-        if rep == 1:
+        if isinstance(rep, torch.fx.Node):
+            # a count read from a shape (x.repeat(B, 1, 1)): the sizes it reads are frozen by
+            # check_size_uses, and so is what it creates
+            why = f"repeated a computed number of times at node '{node.name}'"
+            r.c.freeze(s, why)
+            r.c.freeze(y[off + d], why)
+        elif rep == 1:
             r.c.equal(s, y[off + d])
         else:
             copies = r.c.virtual(f"{node.name}.repeat{d}", rep)
@@ -914,7 +955,8 @@ _ELEMENTWISE_METHODS = [
     "clamp", "clip", "maximum", "minimum", "masked_fill", "type_as", "contiguous", "clone", "detach", "float",
     "half", "double", "bfloat16", "to", "type", "softmax", "log_softmax", "add_", "mul_", "sub_", "div_",
     "relu_", "clamp_", "sigmoid_", "tanh_", "square", "reciprocal", "erf", "where", "lerp", "addcmul",
-    "requires_grad_", "cpu", "cuda", "exp_", "neg_",
+    "requires_grad_", "cpu", "cuda", "exp_", "neg_", "sin", "cos", "erf_", "log1p", "expm1", "sign", "floor",
+    "round", "logical_not", "bool", "int", "long", "ge", "gt", "le", "lt", "eq", "ne",
 ]
 
 FUNCTION_RULES: dict[Any, Callable] = {}
@@ -960,6 +1002,10 @@ for _k in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, 
     FUNCTION_RULES[_k] = pool_fn_rule
 FUNCTION_RULES[F.interpolate] = interpolate_rule
 FUNCTION_RULES[F.pad] = pad_rule
+FUNCTION_RULES[torch.roll] = roll_rule
+FUNCTION_RULES[torch.cumsum] = cumsum_rule
+FUNCTION_RULES[("method", "cumsum")] = cumsum_rule
+FUNCTION_RULES[("method", "roll")] = roll_rule
 FUNCTION_RULES[("method", "reshape_as")] = reshape_as_rule
 FUNCTION_RULES[("method", "view_as")] = reshape_as_rule
 FUNCTION_RULES[("method", "expand")] = expand_rule

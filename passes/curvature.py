@@ -22,8 +22,15 @@ With the default δ = −θ, linear and convolution layers use an exact shortcut
 gradient Wᵀ(ġ − g), one product each instead of two.  ``checkpoint=`` recomputes
 activations segment by segment (``passes/checkpoint.py``).
 
+The model output may be any pytree (a dict such as torchvision segmentation's
+``{"out": …, "aux": …}``, a tuple, nested): f, Jδ, c and u are then lists over
+its floating-point tensor leaves, ∇²ℓ is the loss Hessian over all of them, and
+``loss_fn`` receives the structure itself.
+
 Ops without forward-mode AD fall back to double backward (Pearlmutter's trick
-with ``create_graph``), and the third-order term uses triple backward.  Batches
+with ``create_graph``), and the third-order term uses triple backward.  Ops
+whose higher derivatives PyTorch lacks (hardsigmoid) run as exact composites
+during scoring (``ExactCurvatureOps``).  Batches
 are weighted by size, so streaming equals the full-data computation; sums are
 accumulated in float64.  The model runs in eval mode (restored afterwards), with
 the math SDPA kernel, and its buffers are checked to be bit-identical afterwards.
@@ -40,10 +47,12 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils import _pytree as pytree
 
 from passes import distributed as _dist
 
-__all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES"]
+__all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES",
+           "ExactCurvatureOps", "check_default_loss_output"]
 
 QUANTITIES = ("g", "H", "G", "F", "T3")
 
@@ -179,22 +188,63 @@ def _group_norm_composite(input, num_groups, weight=None, bias=None, eps=1e-5):
     return out
 
 
-@contextlib.contextmanager
-def composite_norms():
-    """Run LayerNorm/GroupNorm as composite ops (mean, var, rsqrt).
+def _hardsigmoid_composite(input, inplace=False):
+    # the CPU/CUDA kernel's own formula, min(max(x + 3, 0), 6) / 6, so values agree bit for bit
+    out = torch.clamp(input + 3.0, 0.0, 6.0) / 6.0
+    return input.copy_(out) if inplace else out
 
-    PyTorch's fused layer_norm has a hand-written double backward that is not
-    itself correctly differentiable (its third derivative is wrong by ~10% on
-    torch 2.14.1), and its vmap batching rules give asymmetric Hessians; the
-    composite form is exact to all orders.  Used for the third-order term and
-    the vmapped group-exact products.
+
+class ExactCurvatureOps(torch.overrides.TorchFunctionMode):
+    """Runs ops whose higher derivatives PyTorch lacks, or gets wrong, as equal composites.
+
+    * ``hardsigmoid`` (MobileNetV3's squeeze-excitation gate; in place too):
+      ``aten::hardsigmoid_backward`` has neither a derivative nor a forward-AD
+      formula, so Hδ, Fδ, ∇³L and every torch.func HVP fail.  The composite
+      clamp(x + 3, 0, 6) / 6 has the exact derivatives: 1/6 on (−3, 3), 0
+      elsewhere, and 0 for every higher order (the kinks at ±3 are measure zero).
+    * with ``norms=True``, LayerNorm/GroupNorm (``F.*`` and ``torch.*``): the
+      fused layer_norm's hand-written double backward is not itself correctly
+      differentiable (its third derivative is wrong by ~10% on torch 2.14.1),
+      and its vmap batching rules give asymmetric Hessians; the composite
+      (mean, var, rsqrt) is exact to all orders.  Used for the third-order term
+      and the vmapped group-exact products.
+
+    The other piecewise-linear activations (hardswish, relu6, hardtanh,
+    leaky_relu, elu) have correct derivatives of every order in all three paths
+    (forward AD, double backward, torch.func), checked against dense Hessians in
+    ``tests/test_piecewise_linear.py``, and run natively.
+
+    A TorchFunctionMode, not a monkeypatch of ``torch.nn.functional``: it covers
+    ``nn.Module`` versions (which call ``F.*``), graph modules that call
+    ``torch.*`` directly, and leaves other threads alone.
     """
-    saved = (F.layer_norm, F.group_norm)
-    F.layer_norm, F.group_norm = _layer_norm_composite, _group_norm_composite
-    try:
-        yield
-    finally:
-        F.layer_norm, F.group_norm = saved
+
+    def __init__(self, norms: bool = False):
+        super().__init__()
+        self.table = {
+            F.hardsigmoid: _hardsigmoid_composite,
+            torch._C._nn.hardsigmoid: _hardsigmoid_composite,
+            torch._C._nn.hardsigmoid_: lambda input: _hardsigmoid_composite(input, inplace=True),
+        }
+        if norms:
+            self.table.update({
+                F.layer_norm: _layer_norm_composite,
+                torch.layer_norm: lambda *a, **k: _layer_norm_composite(*a[:5], **_drop_cudnn(k)),
+                F.group_norm: _group_norm_composite,
+                torch.group_norm: lambda *a, **k: _group_norm_composite(*a[:5], **_drop_cudnn(k)),
+            })
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.table.get(func, func)(*args, **(kwargs or {}))
+
+
+def _drop_cudnn(kwargs):
+    return {k: v for k, v in kwargs.items() if not k.startswith("cudnn")}
+
+
+def composite_norms() -> ExactCurvatureOps:
+    """``ExactCurvatureOps(norms=True)``: hardsigmoid and LayerNorm/GroupNorm as composites."""
+    return ExactCurvatureOps(norms=True)
 
 
 def _resolve_params(model: nn.Module, params: Sequence[str] | None) -> dict[str, torch.Tensor]:
@@ -228,7 +278,9 @@ def curvature(
         calibration: iterable of ``(inputs, targets)``; a DataLoader works.
         want: subset of ``("g", "H", "G", "F", "T3")``.
         direction: ``{param name: tensor}``; default δ = −θ on the scored params.
-        loss_fn: ``loss_fn(outputs, targets) -> mean loss``; default cross-entropy.
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss``, ``outputs`` being
+            whatever the model returns (a tensor, dict, tuple ...); default
+            cross-entropy, which needs a single logits tensor.
         params: names of scored parameters; default every floating parameter
             with ``requires_grad``.
         progress: show a tqdm bar.
@@ -292,7 +344,7 @@ def curvature(
         it = tqdm(calibration, total=total, desc=f"curvature {'+'.join(want)}", leave=False)
     total_loss = 0.0
     use = backend
-    with scoring_mode(model), torch.enable_grad():
+    with scoring_mode(model), torch.enable_grad(), ExactCurvatureOps():
         for bi, batch in enumerate(it):
             if not _dist.mine(bi):
                 continue
@@ -375,14 +427,31 @@ def _clear_oom():
         raise
 
 
+def _describe(out) -> str:
+    """A model output for messages: a shape, or its structure with the shapes of its leaves."""
+    shapes = pytree.tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else v, out)
+    return f"shape {shapes}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__} {shapes}"
+
+
+def check_default_loss_output(out, targets, bi: int) -> None:
+    """The default cross-entropy needs one logits tensor whose shape fits the targets."""
+    if not isinstance(out, torch.Tensor):
+        key = next(iter(out), None) if isinstance(out, dict) else None
+        pick = f"out[{key!r}]" if key is not None else "out[0]"
+        raise CalibrationError(
+            f"batch {bi}: the model returned {_describe(out)}; the default cross-entropy needs one logits tensor. "
+            f"Pass loss_fn= taking the whole output, e.g. loss_fn=lambda out, y: F.cross_entropy({pick}, y)")
+    _check_targets(out, targets, bi)
+
+
 def _loss_at_output(out_p, targets, loss_fn, user_loss, bi):
     if not user_loss:
-        _check_targets(out_p, targets, bi)
+        check_default_loss_output(out_p, targets, bi)
     try:
         loss = loss_fn(out_p, targets)
     except Exception as err:  # noqa: BLE001
         raise CalibrationError(
-            f"batch {bi}: loss_fn(outputs {tuple(out_p.shape)}, targets "
+            f"batch {bi}: loss_fn(outputs of {_describe(out_p)}, targets "
             f"{tuple(getattr(targets, 'shape', ()))}) failed: {type(err).__name__}: {err}"
         ) from err
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -398,11 +467,71 @@ def _check_finite(vals: dict[str, torch.Tensor], what: str, bi: int) -> None:
             raise CalibrationError(f"batch {bi}: {what} of {name} is not finite (NaN or inf)")
 
 
-def _output_tensor(out, bi):
-    if not isinstance(out, torch.Tensor):
-        raise CalibrationError(f"batch {bi}: the model returned {type(out).__name__}; scoring needs a single tensor "
-                               "output (wrap the model to return the logits)")
-    return out
+class _Output:
+    """A model output pytree (a tensor, or a dict/tuple/list of them, nested) split into its leaves.
+
+    ``tensors`` are the floating-point tensor leaves in ``torch.utils._pytree``
+    order: the ones tangents and cotangents flow through.  The loss ℓ(f) is a
+    function of all of them, so ∂ℓ/∂f, ∇²ℓ·ḟ and Jᵀc are lists over these
+    leaves, and Jᵀc = Σ_i J_iᵀ c_i.  Other leaves (integer tensors, None,
+    numbers) are passed to the loss as they are.
+    """
+
+    def __init__(self, out, bi: int):
+        self.leaves, self.spec = pytree.tree_flatten(out)
+        self.index = [i for i, v in enumerate(self.leaves) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not self.index:
+            raise CalibrationError(f"batch {bi}: the model returned {_describe(out)}, with no floating-point tensor "
+                                   "to differentiate")
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.leaves[i] for i in self.index]
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]):
+        """The output structure with ``tensors`` in place of the floating-point leaves."""
+        leaves = list(self.leaves)
+        for i, t in zip(self.index, tensors):
+            leaves[i] = t
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def full(self, tensors: Sequence[torch.Tensor]) -> list:
+        """``tensors`` spread over all leaf positions, None at the non-differentiable ones."""
+        out: list = [None] * len(self.leaves)
+        for i, t in zip(self.index, tensors):
+            out[i] = t
+        return out
+
+
+def _output_side(res: _Output, prims, tangents, targets, loss_fn, user_loss, bi):
+    """At the output: the loss, c = ∂ℓ/∂f and (tangents given) u = ∇²ℓ·ḟ, per tensor leaf of the output.
+
+    ∇²ℓ is the Hessian of ℓ with respect to the whole output structure, so
+    u_i = Σ_j ∂²ℓ/∂f_i∂f_j ḟ_j couples the leaves (e.g. a loss on "out" + "aux").
+    """
+    os = [p.detach().requires_grad_(True) for p in prims]
+    with torch.enable_grad():
+        loss = _loss_at_output(res.rebuild(os), targets, loss_fn, user_loss, bi)
+        second = tangents is not None
+        c = torch.autograd.grad(loss, os, create_graph=second, allow_unused=True) if loss.requires_grad else \
+            [None] * len(os)
+        c = [torch.zeros_like(o) if x is None else x for x, o in zip(c, os)]
+        u = None
+        if second:  # leaves the loss is linear in (or ignores) have no curvature: their c carries no graph
+            pairs = [(x, t) for x, t in zip(c, tangents) if x.requires_grad]
+            u = torch.autograd.grad([x for x, _ in pairs], os, [t.detach() for _, t in pairs],
+                                    allow_unused=True) if pairs else [None] * len(os)
+            u = [torch.zeros_like(o) if x is None else x.detach() for x, o in zip(u, os)]
+    return loss.detach(), [x.detach() for x in c], u
+
+
+def _vjp(outs, leaves, cotangents, retain_graph=False):
+    """Σ_i J_iᵀ c_i over the output leaves that depend on ``leaves`` (None where a leaf is unused)."""
+    pairs = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+    if not pairs:
+        return [None] * len(leaves)
+    return torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], retain_graph=retain_graph,
+                               allow_unused=True)
 
 
 # --------------------------------------------------------------------------- δ = −θ fast path
@@ -541,17 +670,16 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     if set(want) == {"g"}:  # first order only: a plain forward and backward, no dual numbers
         with torch.enable_grad():
             if sg is None:
-                out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+                out = functional_call(model, dict(zip(names, leaves)), inputs)
+                res = _Output(out, bi)
+                loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else \
+                    [None] * len(leaves)
             else:
                 out, saved = sg.forward(dict(zip(names, leaves)), inputs)
-                out = _output_tensor(out, bi)
-                o = out.detach().requires_grad_(True)
-            loss = _loss_at_output(out if sg is None else o, targets, loss_fn, user_loss, bi)
-            if sg is None:
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            else:
-                (c,) = torch.autograd.grad(loss, o)
-                (grads,) = sg.backward(saved, dict(zip(names, leaves)), None, [c])
+                res = _Output(out, bi)
+                loss, c, _ = _output_side(res, res.tensors, None, targets, loss_fn, user_loss, bi)
+                (grads,) = sg.backward(saved, dict(zip(names, leaves)), None, [res.full(c)])
         results["g"] = {n: torch.zeros_like(l) if gr is None else gr.detach() for n, gr, l in zip(names, grads, leaves)}
         _check_finite(results["g"], "the gradient", bi)
         return float(loss.detach()), results
@@ -560,38 +688,34 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     with fwAD.dual_level(), fast:
         if sg is None:
             duals = [fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)]
-            out = _output_tensor(functional_call(model, dict(zip(names, duals)), inputs), bi)
+            out = functional_call(model, dict(zip(names, duals)), inputs)
         else:
             out, saved = sg.forward({n: fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)}, inputs)
-            out = _output_tensor(out, bi)
-        out_p, out_t = fwAD.unpack_dual(out)
-        if out_t is None:
-            out_t = torch.zeros_like(out_p)
-        o = out_p.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = _loss_at_output(o, targets, loss_fn, user_loss, bi)
-            (c,) = torch.autograd.grad(loss, o, create_graph=("H" in want or "G" in want))
-            u = None
-            if "H" in want or "G" in want:
-                (u,) = torch.autograd.grad(c, o, out_t.detach(), allow_unused=True)
-                u = torch.zeros_like(o) if u is None else u
-        c = c.detach()
+        res = _Output(out, bi)
+        outs = res.tensors
+        prims, tangents = [], []
+        for o in outs:
+            p, t = fwAD.unpack_dual(o)
+            prims.append(p)
+            tangents.append(torch.zeros_like(p) if t is None else t)
+        second = "H" in want or "G" in want
+        loss, c, u = _output_side(res, prims, tangents if second else None, targets, loss_fn, user_loss, bi)
         plan = []
         if "H" in want:
-            plan.append(("H", fwAD.make_dual(c, u.detach())))
+            plan.append(("H", [fwAD.make_dual(ci, ui) for ci, ui in zip(c, u)]))
         if "F" in want:
-            plan.append(("F", fwAD.make_dual(c, torch.zeros_like(c))))
+            plan.append(("F", [fwAD.make_dual(ci, torch.zeros_like(ci)) for ci in c]))
         if "G" in want and "H" in want and "F" in want:
             pass  # G = H - F below
         elif "G" in want:
-            plan.append(("G", u.detach()))
+            plan.append(("G", u))
         if not any(q in ("H", "F") for q, _ in plan):
             plan.append(("g", c))  # the gradient needs its own backward when neither H nor F is asked for
         if sg is not None:  # all cotangents in one recomputing backward
-            all_grads = sg.backward(saved, dict(zip(names, leaves)), dirs, [cot for _, cot in plan])
+            all_grads = sg.backward(saved, dict(zip(names, leaves)), dirs, [res.full(cot) for _, cot in plan])
         for i, (q, cot) in enumerate(plan):
             if sg is None:
-                grads = torch.autograd.grad(out, leaves, cot, retain_graph=i < len(plan) - 1, allow_unused=True)
+                grads = _vjp(outs, leaves, cot, retain_graph=i < len(plan) - 1)
             else:
                 grads = all_grads[i]
             prim, tang = {}, {}
@@ -616,7 +740,7 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     for q in ("H", "G", "F"):
         if q in results:
             _check_finite(results[q], f"the {q}δ product", bi)
-    return float(loss.detach()), {q: v for q, v in results.items() if q in want}
+    return float(loss), {q: v for q, v in results.items() if q in want}
 
 
 def _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi):
@@ -629,25 +753,37 @@ def _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, u
     dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
     results = {}
     with torch.enable_grad():
-        out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+        out = functional_call(model, dict(zip(names, leaves)), inputs)
+        res = _Output(out, bi)
         loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
         need_hess = any(q in want for q in ("H", "G", "F"))
-        g = torch.autograd.grad(loss, leaves, create_graph=need_hess, allow_unused=True)
+        g = torch.autograd.grad(loss, leaves, create_graph=need_hess, allow_unused=True) if loss.requires_grad else \
+            [None] * len(leaves)
         g = [torch.zeros_like(l) if x is None else x for x, l in zip(g, leaves)]
         results["g"] = {n: x.detach() for n, x in zip(names, g)}
         if "H" in want or "F" in want:
-            Hd = torch.autograd.grad(g, leaves, dirs, retain_graph=True, allow_unused=True)
+            pairs = [(x, d) for x, d in zip(g, dirs) if x.requires_grad]
+            Hd = torch.autograd.grad([x for x, _ in pairs], leaves, [d for _, d in pairs], retain_graph=True,
+                                     allow_unused=True) if pairs else [None] * len(leaves)
             results["H"] = {n: (torch.zeros_like(l) if x is None else x.detach()) for n, x, l in zip(names, Hd, leaves)}
         if "G" in want or "F" in want:
-            # Jδ by the double-vjp trick, then u = ∇²ℓ Jδ, then Gδ = Jᵀu
-            w = torch.zeros_like(out, requires_grad=True)
-            s = torch.autograd.grad(out, leaves, w, create_graph=True, allow_unused=True)
-            pairs = [(x, d) for x, d in zip(s, dirs) if x is not None]
-            Jd = torch.autograd.grad([x for x, _ in pairs], w, [d for _, d in pairs], retain_graph=True)[0]
-            o = out.detach().requires_grad_(True)
-            c = torch.autograd.grad(_loss_at_output(o, targets, loss_fn, user_loss, bi), o, create_graph=True)[0]
-            u = torch.autograd.grad(c, o, Jd.detach())[0]
-            Gd = torch.autograd.grad(out, leaves, u, allow_unused=True)
+            # Jδ per output leaf by the double-vjp trick (s = Σ_i J_iᵀ w_i is linear in w, ∂⟨s, δ⟩/∂w_i = J_i δ),
+            # then u = ∇²ℓ Jδ at the output, then Gδ = Jᵀu
+            outs = res.tensors
+            live = [k for k, o in enumerate(outs) if o.requires_grad]
+            ws = [torch.zeros_like(outs[k], requires_grad=True) for k in live]
+            Jd = [torch.zeros_like(o) for o in outs]
+            if live:
+                s = torch.autograd.grad([outs[k] for k in live], leaves, ws, create_graph=True, allow_unused=True)
+                pairs = [(x, d) for x, d in zip(s, dirs) if x is not None and x.requires_grad]
+                if pairs:
+                    got = torch.autograd.grad([x for x, _ in pairs], ws, [d for _, d in pairs], retain_graph=True,
+                                              allow_unused=True)
+                    for k, x in zip(live, got):
+                        if x is not None:
+                            Jd[k] = x.detach()
+            _, _, u = _output_side(res, [o.detach() for o in outs], Jd, targets, loss_fn, user_loss, bi)
+            Gd = _vjp(outs, leaves, u)
             results["G"] = {n: (torch.zeros_like(l) if x is None else x.detach()) for n, x, l in zip(names, Gd, leaves)}
         if "F" in want:
             results["F"] = {n: results["H"][n] - results["G"][n] for n in names}
@@ -661,12 +797,15 @@ def _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn
     dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
     results = {}
     with torch.enable_grad(), composite_norms():
-        out = _output_tensor(functional_call(model, dict(zip(names, leaves)), inputs), bi)
+        out = functional_call(model, dict(zip(names, leaves)), inputs)
+        _Output(out, bi)
         loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
-        g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True) if loss.requires_grad else \
+            [None] * len(leaves)
         g = [torch.zeros_like(l) if x is None else x for x, l in zip(g, leaves)]
         gd = sum((x * d).sum() for x, d in zip(g, dirs))
-        Hd = torch.autograd.grad(gd, leaves, create_graph=True, allow_unused=True)
+        Hd = torch.autograd.grad(gd, leaves, create_graph=True, allow_unused=True) if gd.requires_grad else \
+            [None] * len(leaves)
         Hd = [torch.zeros_like(l) if x is None else x for x, l in zip(Hd, leaves)]
         hd = sum((x * d).sum() for x, d in zip(Hd, dirs))
         T3 = torch.autograd.grad(hd, leaves, allow_unused=True) if hd.requires_grad else [None] * len(leaves)

@@ -442,6 +442,9 @@ def _arg_diffs(a, b, apos, bpos, path=()):
                 return None
             out += d
         return out
+    if isinstance(a, slice) and isinstance(b, slice):
+        d = _arg_diffs((a.start, a.stop, a.step), (b.start, b.stop, b.step), apos, bpos, path + ("slice",))
+        return d
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return None
@@ -465,6 +468,9 @@ def _set_path(struct, path, value):
     if not path:
         return value
     head, rest = path[0], path[1:]
+    if head == "slice":
+        start, stop, step = _set_path((struct.start, struct.stop, struct.step), rest, value)
+        return slice(start, stop, step)
     if isinstance(struct, dict):
         return {**struct, head: _set_path(struct[head], rest, value)}
     items = list(struct)
