@@ -160,8 +160,12 @@ def accuracy(d: dict) -> list[str]:
 
 
 def speedup(d: dict) -> list[str]:
-    out = ["## Speed-up of slimmed models", "", d["description"] + ".", "", f"Machine: {_machine(d['machine'])}", "",
-           f"Command: `{d.get('command', '')}`", "",
+    runs = d.get("commands") or [{"command": d.get("command", ""), "machine": d["machine"], "models": None}]
+    head = []
+    for c in runs:
+        which = f" ({', '.join(c['models'])})" if c.get("models") else ""
+        head += [f"Command{which}: `{c['command']}` — machine: {_machine(c['machine'])}", ""]
+    out = ["## Speed-up of slimmed models", "", d["description"] + ".", "", *head,
            "| model | variant | FLOPs | params | backend | batch | median ms | speed-up | speed-up / FLOPs reduction |",
            "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     flagged = []

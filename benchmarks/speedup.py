@@ -7,7 +7,10 @@ values, only on the shapes the criterion chose), with and without
 32: medians of repeated runs, interleaved (each repeat runs every variant once
 in turn), ``oba_fx.measure_latency``.
 
-    python benchmarks/speedup.py [--models resnet50 ...] [--repeats 10] [--smoke]
+    python benchmarks/speedup.py [--models resnet50 ...] [--repeats 10] [--merge] [--smoke]
+
+``--merge`` re-measures only the named models and keeps every other model's rows from the
+existing results file (the file then records each command that produced its rows).
 """
 from __future__ import annotations
 
@@ -47,7 +50,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--criterion", default="oba")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny model; writes nothing")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the named models' rows in benchmarks/results/speedup.json")
     args = ap.parse_args()
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown and not args.smoke:
+        ap.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     models = MODELS
     if args.smoke:
         models = {"resnet20": dict(shape=(1, 28, 28), kw={"in_channels": 1})}
@@ -92,13 +100,34 @@ def main():
         assert rows and all(r["median_ms"] > 0 for r in rows)
         print("smoke ok")
         return
+    repeats = {m: min(args.repeats, MODELS[m].get("repeats", args.repeats)) for m in args.models}
+    extra = {}
+    if args.merge:
+        rows, repeats, extra = _merge(rows, repeats, args)
     path = save("speedup", {
         "description": "latency of slimmed vs original models (random weights; structure chosen by the criterion "
                        "on random calibration data), medians of interleaved runs, float32, CPU",
-        "criterion": args.criterion, "repeats": {m: min(args.repeats, MODELS[m].get("repeats", args.repeats))
-                                                 for m in args.models}, "threads": torch.get_num_threads(), "rows": rows,
+        "criterion": args.criterion, "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows, **extra,
     })
     print("wrote", path)
+
+
+def _merge(rows, repeats, args):
+    """Rows of the models not re-measured, kept from the existing file, plus the commands behind them."""
+    import json
+
+    from common import RESULTS, command_line, machine
+
+    path = RESULTS / "speedup.json"
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if old.get("criterion", args.criterion) != args.criterion:
+        raise SystemExit(f"--merge: {path} was measured with criterion {old['criterion']!r}, not {args.criterion!r}")
+    kept = [r for r in old["rows"] if r["model"] not in args.models]
+    commands = old.get("commands") or [{"command": old.get("command"), "machine": old.get("machine"),
+                                        "models": sorted({r["model"] for r in old["rows"]})}]
+    commands = [c for c in commands if set(c["models"]) - set(args.models)]
+    commands.append({"command": command_line(), "machine": machine(), "models": list(args.models)})
+    return kept + rows, {**old.get("repeats", {}), **repeats}, {"commands": commands}
 
 
 if __name__ == "__main__":

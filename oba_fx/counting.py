@@ -220,8 +220,21 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _flops_on_meta(model: nn.Module, args: tuple) -> int:
     state = _meta_state(model)
     meta_args = _to_meta(args)
-    with _counting_mode(model), FlopCounterMode(display=False) as counter:
-        torch.func.functional_call(model, state, meta_args, tie_weights=True, strict=False)
+    # a forward may store what it computed on the module (torchvision's AnchorGenerator caches its
+    # anchors in self.cell_anchors): those would be meta tensors afterwards, so every module's
+    # plain attributes are put back as they were
+    attrs = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        with _counting_mode(model), FlopCounterMode(display=False) as counter:
+            torch.func.functional_call(model, state, meta_args, tie_weights=True, strict=False)
+    finally:
+        for m, saved in attrs:
+            d = vars(m)
+            for k in [k for k in d if k not in saved]:
+                del d[k]
+            for k, v in saved.items():
+                if d.get(k) is not v:
+                    d[k] = v
     return int(counter.get_total_flops())
 
 

@@ -137,6 +137,9 @@ class _Rules:
             if isinstance(r, list) and isinstance(node.args[1], int):
                 self.reads[node.name] = {r[node.args[1]]}
                 return True
+            if isinstance(r, list) and isinstance(node.args[1], slice):  # x.shape[-2:] reads only those dims
+                self.reads[node.name] = r[node.args[1]]
+                return True
         if node.op in ("call_function", "call_method"):
             deps = set()
             for a in node.all_input_nodes:
@@ -184,6 +187,9 @@ class _Rules:
                 self.get_attr(node)
                 continue
             if self.track_reads(node):
+                if node.meta.get("oba_fx.branch"):  # python decided on this value while tracing
+                    self.freeze_reads(set(self.reads.get(node.name, ())), node,
+                                      "the model's python code branches on this dimension's size")
                 continue
             rule = self.find_rule(node)
             size_args = rule(node) if rule is not None else "unknown"
@@ -273,6 +279,15 @@ def conv_rule(r: _Rules, node, m: nn.Conv1d):
     k = m.weight.ndim - 2
     cx, cy = len(x) - k - 1, len(y) - k - 1
     name = node.target
+    extra = [(n, t) for n, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+             if n not in ("weight", "bias") and t is not None]
+    if any(t.ndim == 0 or t.shape[0] != m.out_channels or t[0].numel() != 1 for _, t in extra):
+        # a subclass leaf with tensors of its own (timm's ScaledStdConv2dSame has a per-channel gain)
+        # whose layout we cannot read: keep it whole
+        r.freeze_all(node, f"{name}: {type(m).__name__} holds tensors besides weight and bias")
+        return
+    for pname, _ in extra:  # per-output-channel tensors (gain, scale): they go with their output channel
+        r.c.equal(y[cy], r.c.param(f"{name}.{pname}", {0: "norm"})[0])
     w = r.c.param(f"{name}.weight", {0: "producer", 1: "consumer"} if m.groups == 1 else {0: "producer"})
     r.c.equal(y[cy], w[0])
     if m.bias is not None:
@@ -417,6 +432,15 @@ def mha_rule(r: _Rules, node, m: nn.MultiheadAttention):
     r.c.node_notes[node.name]["replace"] = "mha"
 
 
+def _frozen_bn_types():
+    try:
+        from torchvision.ops import FrozenBatchNorm2d
+
+        return (FrozenBatchNorm2d,)
+    except ImportError:
+        return ()
+
+
 def _stochastic_depth_types():
     try:
         from torchvision.ops import StochasticDepth
@@ -442,7 +466,7 @@ MODULE_RULES: list[tuple[tuple[type, ...] | type, Callable]] = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), conv_rule),
     (nn.Linear, linear_rule),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-      nn.InstanceNorm3d, nn.GroupNorm, nn.PReLU), channel_norm_rule),
+      nn.InstanceNorm3d, nn.GroupNorm, nn.PReLU) + _frozen_bn_types(), channel_norm_rule),
     (nn.LayerNorm, layer_norm_rule),
     ((nn.MultiheadAttention, SlimMultiheadAttention), mha_rule),
     (_ELEMENTWISE_MODULES, elementwise_module_rule),
@@ -620,13 +644,18 @@ def getitem_rule(r: _Rules, node):
                 return
         return "unknown"
     x, y = r.V(src), r.V(node)
-    if _is_tensor(idx) and not _spec(idx).dtype.is_floating_point and _spec(idx).dtype != torch.bool:
-        # rows gathered by an integer index tensor (a relative-position table): the
-        # gathered dim stays, every trailing dim passes through
-        ix = r.V(idx)
-        r.c.freeze(x[0], f"rows selected by an index tensor at node '{node.name}'{_where(node)}")
-        r.eq_all(ix, y[: len(ix)])
-        r.eq_all(x[1:], y[len(ix):])
+    parts = idx if isinstance(idx, tuple) else (idx,)
+    gathers = [k for k, i in enumerate(parts) if _is_tensor(i)]
+    if (len(gathers) == 1 and all(i == slice(None) for k, i in enumerate(parts) if k != gathers[0])
+            and not _spec(parts[gathers[0]]).dtype.is_floating_point and _spec(parts[gathers[0]]).dtype != torch.bool):
+        # entries gathered by one integer index tensor (a relative-position table, ``t[idx]`` or
+        # ``t[:, idx]``): the gathered dim stays, the index's dims take its place, the rest pass through
+        p = gathers[0]
+        ix = r.V(parts[p])
+        r.c.freeze(x[p], f"entries selected by an index tensor at node '{node.name}'{_where(node)}")
+        r.eq_all(x[:p], y[:p])
+        r.eq_all(ix, y[p : p + len(ix)])
+        r.eq_all(x[p + 1 :], y[p + len(ix) :])
         return None
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in idx):
@@ -852,6 +881,16 @@ def roll_rule(r: _Rules, node):
             r.c.equal(x[k], y[k])
 
 
+def creation_rule(r: _Rules, node):
+    """torch.zeros/ones/full/arange/...: a new tensor; its dims are fixed by the arguments (frozen)."""
+    for path in _tensor_paths(_spec(node)):
+        r.freeze_value(node, f"a tensor created by {getattr(node.target, '__name__', node.target)} "
+                             f"at node '{node.name}'", path)
+    for a in node.all_input_nodes:
+        if _is_tensor(a):
+            r.freeze_value(a, f"an argument of {getattr(node.target, '__name__', node.target)} at node '{node.name}'")
+
+
 def cumsum_rule(r: _Rules, node):
     """cumsum: positions along the summed dim mix (frozen); every other dim passes through."""
     x, y = r.V(node.args[0]), r.V(node)
@@ -1002,6 +1041,10 @@ for _k in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, 
     FUNCTION_RULES[_k] = pool_fn_rule
 FUNCTION_RULES[F.interpolate] = interpolate_rule
 FUNCTION_RULES[F.pad] = pad_rule
+for _k in (torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.linspace, torch.eye, torch.rand,
+           torch.randn, torch.randint, torch.tensor, torch.as_tensor, torch.meshgrid, ("method", "new_zeros"),
+           ("method", "new_ones"), ("method", "new_full"), ("method", "new_empty"), ("method", "new_tensor")):
+    FUNCTION_RULES[_k] = creation_rule
 FUNCTION_RULES[torch.roll] = roll_rule
 FUNCTION_RULES[torch.cumsum] = cumsum_rule
 FUNCTION_RULES[("method", "cumsum")] = cumsum_rule

@@ -9,6 +9,7 @@ The user's model is never modified: we trace a deep copy.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import linecache
 import sys
@@ -50,9 +51,11 @@ def default_leaf_types() -> tuple[type, ...]:
 
     leaves: list[type] = [SlimMultiheadAttention]
     try:
-        from torchvision.ops import StochasticDepth
+        from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
 
-        leaves.append(StochasticDepth)
+        # FrozenBatchNorm2d (torchvision's detection backbones) computes its scale in python: as a
+        # leaf it keeps its buffers by name and gets the channel-norm coupling rule
+        leaves += [StochasticDepth, FrozenBatchNorm2d]
     except ImportError:  # torchvision is optional for tracing
         pass
     return tuple(leaves)
@@ -114,12 +117,84 @@ class _LeafTracer(torch.fx.Tracer):
     should mark as a leaf.
     """
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], autowrap_functions=()):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], autowrap_functions=(),
+                 example_inputs: tuple | None = None):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self._oba_autowrap = tuple(autowrap_functions)
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self._oba_stack: list[str] = []
+        self._example = example_inputs
+        self.branches: list[str] = []  # python decisions taken on the example inputs' values
+
+    def trace(self, root, concrete_args=None):
+        self._env: dict = {}
+        self._placeholders = 0
+        self.branches = []
+        with _state_preserved(root):
+            return super().trace(root, concrete_args)
+
+    # -- python control flow on traced values ------------------------------------------
+    #
+    # ``if H == self.window_size:`` or ``for part in x.chunk(3):`` cannot be traced symbolically.
+    # With example inputs, a traced python value (a size, never tensor data) is evaluated on them (the graph built so far is run,
+    # incrementally) and python takes that branch: the graph is specialised to the example's
+    # shapes.  The condition node is marked ``meta["oba_fx.branch"]`` so that the coupling pass
+    # freezes every dimension whose size it read (pruning must not flip a decision).
+    def to_bool(self, obj) -> bool:
+        if self._example is None:
+            return super().to_bool(obj)
+        value = self._concrete(obj.node)
+        if isinstance(value, torch.Tensor):
+            # a decision on data (``if x.sum() > 0``) would be baked for every input: refuse, as fx does
+            return super().to_bool(obj)
+        obj.node.meta["oba_fx.branch"] = True
+        self.branches.append(_caller_outside_torch())
+        return bool(value)
+
+    def iter(self, obj):
+        if self._example is not None:
+            value = self._concrete(obj.node)
+            if isinstance(value, (tuple, list, torch.Size)):
+                return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+    def _concrete(self, node):
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+        env = self._env
+        # fx patches nn.Module.__call__ and wrapped functions while tracing: evaluate without them
+        with _maybe_revert_all_patches():
+            for n in self.graph.nodes:
+                if n not in env:
+                    env[n] = self._evaluate(n, env)
+                if n is node:
+                    return env[n]
+        raise TraceFailure(f"oba_fx bug: node {node} is not in the graph being traced")
+
+    def _evaluate(self, n, env):
+        load = lambda a: torch.fx.node.map_arg(a, lambda x: env[x])  # noqa: E731
+        with torch.no_grad():
+            if n.op == "placeholder":
+                i = self._placeholders
+                self._placeholders += 1
+                if i < len(self._example):
+                    v = self._example[i]
+                    return v.clone() if isinstance(v, torch.Tensor) else v
+                return n.args[0] if n.args else None
+            if n.op == "get_attr":
+                obj = self.root
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            args, kwargs = load(n.args), load(n.kwargs)
+            if n.op == "call_function":
+                return n.target(*args, **kwargs)
+            if n.op == "call_method":
+                return getattr(args[0], n.target)(*args[1:], **kwargs)
+            if n.op == "call_module":
+                return self.root.get_submodule(n.target)(*args, **kwargs)
+        return None
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -136,11 +211,35 @@ class _LeafTracer(torch.fx.Tracer):
         return out
 
 
+@contextlib.contextmanager
+def _state_preserved(module: torch.nn.Module):
+    """Buffers as they were: evaluating a train-mode trace on the example inputs updates BatchNorm statistics."""
+    saved = {k: v.detach().clone() for k, v in module.named_buffers()} if isinstance(module, torch.nn.Module) else {}
+    try:
+        yield
+    finally:
+        if saved:
+            with torch.no_grad():
+                for k, v in module.named_buffers():
+                    if k in saved:
+                        v.copy_(saved[k])
+
+
+def _caller_outside_torch() -> str:
+    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    here = __file__
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if not frame.filename.startswith(torch_dir) and frame.filename != here:
+            line = (linecache.getline(frame.filename, frame.lineno) or "").strip()
+            return f"{frame.filename}:{frame.lineno} `{line}`"
+    return "unknown location"
+
+
 def _user_frame(tb) -> str:
     """The innermost traceback frame outside torch: the code that failed."""
     frames = traceback.extract_tb(tb)
     torch_dir = torch.__file__.rsplit("/", 1)[0]
-    user = [f for f in frames if not f.filename.startswith(torch_dir)]
+    user = [f for f in frames if not f.filename.startswith(torch_dir) and f.filename != __file__]
     frame = (user or frames)[-1]
     line = (linecache.getline(frame.filename, frame.lineno) or "").strip()
     return f"{frame.filename}:{frame.lineno} in {frame.name}: `{line}`"
@@ -277,8 +376,14 @@ def trace_module(
 
     _check_names(model)
     private = copy.deepcopy(model)
-    graph, tracer = _trace_or_explain(private, model, leaf_types, leaf_names)
+    graph, tracer = _trace_or_explain(private, model, leaf_types, leaf_names, example=args)
     warns: list[str] = []
+    if tracer.branches:
+        shown = tracer.branches[0]
+        warns.append(
+            f"oba_fx: {type(model).__name__}'s python code takes {len(tracer.branches)} decision(s) on traced values "
+            f"(first: {shown}); they were decided on the example inputs, so the traced and slimmed graphs are "
+            "specialised to inputs like them, and the dimensions those decisions read are kept")
     if warns_train := _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer):
         warns.append(warns_train)
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -320,10 +425,10 @@ def _check_names(model: torch.nn.Module) -> None:
         )
 
 
-def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retried=False):
+def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retried=False, example=None):
     """Trace ``private`` in eval mode; on failure retry with timm's registered fx leaves, else explain."""
     private.eval()  # python branches on self.training follow the inference code (see _follow_training_flag)
-    tracer = _LeafTracer(leaf_types, leaf_names, autowrap)
+    tracer = _LeafTracer(leaf_types, leaf_names, autowrap, example)
     try:
         return tracer.trace(private), tracer
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
@@ -334,7 +439,8 @@ def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retri
             fns = tuple(timm_fx._autowrap_functions)
             if leaves or fns:
                 try:
-                    return _trace_or_explain(private, model, leaf_types + leaves, leaf_names, fns, retried=True)
+                    return _trace_or_explain(private, model, leaf_types + leaves, leaf_names, fns, retried=True,
+                                              example=example)
                 except TraceFailure:
                     pass
         where = _user_frame(sys.exc_info()[2])
@@ -370,7 +476,7 @@ def _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer)
     """
     private.train()
     try:
-        train_graph = _LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap).trace(private)
+        train_graph = _LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap, tracer._example).trace(private)
     except Exception:  # noqa: BLE001 - a model that cannot trace in train mode keeps its eval graph
         train_graph = None
     finally:
