@@ -289,7 +289,12 @@ def worker(suite: str, name: str, task: str, criterion: str, row_path: str, gian
     loss_fn = segmentation_loss if task == "segmentation" else None
 
     def build():
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):
+                meta_model = construct(suite, name, task)
+        except Exception:  # noqa: BLE001 - a constructor that computes with tensors (torchvision RegNet's
+            # width schedule calls .tolist()) cannot build on meta: build it for real to learn its size
+            torch.manual_seed(0)
             meta_model = construct(suite, name, task)
         params = unique_params(meta_model)
         need = BASE_RSS + GIANT_FACTOR * 4 * params
@@ -304,6 +309,7 @@ def worker(suite: str, name: str, task: str, criterion: str, row_path: str, gian
             row["mode_note"] = note
             if giants == "skip":
                 return None, {"ok": False, "error": note}
+            meta_model = meta_model.to("meta")  # a no-op unless it had to be built for real
             x = smallest_input_meta(meta_model, suite)
             row["input_shape"] = list(x.shape)
             return (meta_model, x, None), {"device": "meta"}
@@ -546,7 +552,7 @@ def _write(out: Path, header: dict, rows: list[dict]) -> None:
     rows), with this run's machine, settings and command, and the union of the model lists."""
     old = _read(out)
     cmds = [c for c in old.get("commands", []) if c]
-    write_json(out, {**header, "commands": cmds + [c for c in [command_line()] if c not in cmds[-1:]],
+    write_json(out, {**header, "commands": cmds + [c for c in [command_line()] if c not in cmds],
                      "model_lists": {**old.get("model_lists", {}), **header["model_lists"]},
                      "rows": merge_rows(old.get("rows", []), rows)})
 

@@ -164,7 +164,7 @@ def speedup(d: dict) -> list[str]:
     head = []
     for c in runs:
         which = f" ({', '.join(c['models'])})" if c.get("models") else ""
-        head += [f"Command{which}: `{c['command']}` — machine: {_machine(c['machine'])}", ""]
+        head += [f"Machine{which}: {_machine(c['machine'])}", "", f"Command: `{c['command']}`", ""]
     out = ["## Speed-up of slimmed models", "", d["description"] + ".", "", *head,
            "| model | variant | FLOPs | params | backend | batch | median ms | speed-up | speed-up / FLOPs reduction |",
            "|---|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -226,7 +226,7 @@ def coverage(d: dict) -> list[str]:
     s = d["settings"]
     out = ["## Coverage: torchvision and timm models", "", d["description"] + ".", "",
            f"Machine: {_machine(d['machine'])}", "",
-           "Commands: " + "; ".join(f"`{c}`" for c in d.get("commands", []) if c), "",
+           "Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(d.get("commands", [])) if c), "",
            f"A pass: traced, compressed to {s['target_flops']:.0%} FLOPs within ± {s['tolerance']} by the "
            "independent meta-device count, reloaded with `oba_fx.load` with equal outputs, and exported with "
            f"onnxruntime's outputs within {s['onnx_rtol']:g} (relative) of the slim model's.", ""]
