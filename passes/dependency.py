@@ -260,13 +260,15 @@ class CouplingResult:
 def _solve_products(c: Coupling, uf: _UnionFind) -> tuple[dict[int, tuple[int, ...]], dict[int, str]]:
     """Unify product derivations until each derived component has one derivation.
 
-    Returns (derivation per derived component, conflicts: component -> reason).
+    Returns (derivation per derived component, conflicts: component -> reason, and the factors of
+    every derivation of a conflicting component).
     Two derivations of one component with the same arity are unified factor by
     factor (a coarser grouping, always valid); different arity is a conflict
     and freezes the component and its factors.
     """
     while True:
         conflicts: dict[int, str] = {}  # only the final round's labels count
+        conflict_factors: dict[int, set[int]] = defaultdict(set)  # factors of every disagreeing derivation
         labels = uf.labels
         deriv: dict[int, tuple[int, ...]] = {}
         extra_a, extra_b = [], []
@@ -297,6 +299,8 @@ def _solve_products(c: Coupling, uf: _UnionFind) -> tuple[dict[int, tuple[int, .
                         extra_b.append(np.asarray(t, dtype=np.int64))
                     else:
                         conflicts[k] = "reshaped in two incompatible ways"
+                        conflict_factors[k].update(old)
+                        conflict_factors[k].update(t)
         if not extra_a:
             break
         # union component representatives: pick any position of each component
@@ -306,7 +310,8 @@ def _solve_products(c: Coupling, uf: _UnionFind) -> tuple[dict[int, tuple[int, .
     for k, t in list(deriv.items()):
         if k in t:
             conflicts[k] = "a reshape derives this dimension from itself"
-    return deriv, conflicts
+    # (B*nW) = B x nW in one reshape and B x H/ws x W/ws in another: the factors of both must stay
+    return deriv, conflicts, conflict_factors
 
 
 def _component_closures(deriv: dict[int, tuple[int, ...]], n_comp: int) -> dict[int, set[int]]:
@@ -346,7 +351,7 @@ def coupled_groups(traced: TracedGraph, ignore: Iterable[str] = ()) -> CouplingR
     a = np.concatenate(c._edges_a) if c._edges_a else np.zeros(0, dtype=np.int64)
     b = np.concatenate(c._edges_b) if c._edges_b else np.zeros(0, dtype=np.int64)
     uf = _UnionFind(n, a, b)
-    deriv, conflicts = _solve_products(c, uf)
+    deriv, conflicts, conflict_factors = _solve_products(c, uf)
     labels = uf.labels
     n_comp = int(labels.max()) + 1 if n else 0
 
@@ -358,7 +363,7 @@ def coupled_groups(traced: TracedGraph, ignore: Iterable[str] = ()) -> CouplingR
             comp_reason.setdefault(k, reason)
     for k, reason in conflicts.items():
         comp_reason.setdefault(k, reason)
-        for f in deriv.get(k, ()):
+        for f in set(deriv.get(k, ())) | conflict_factors.get(k, set()):
             comp_reason.setdefault(f, reason)
 
     closures = _component_closures(deriv, n_comp)

@@ -522,3 +522,38 @@ def test_counting_a_detector_leaves_it_usable():
     assert all(a.device.type == "cpu" for a in det.rpn.anchor_generator.cell_anchors)
     with torch.no_grad():
         assert isinstance(det(images), list)
+
+
+class WindowMask(nn.Module):
+    """timm's Swin: windows of (B, H, W, C) flattened into the batch, then ``attn.view(-1, nW, ...) + mask``
+    with ``nW = mask.shape[0]``; the batch-times-windows dim is factored two ways (B x H/2 x W/2 and B x nW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.qk = nn.Linear(8, 8)
+        self.register_buffer("mask", torch.randn(4, 4, 4))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.proj(x.permute(0, 2, 3, 1))  # B, H, W, C
+        B, H, W, C = x.shape
+        w = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, C)
+        qk = self.qk(w)
+        attn = qk @ w.transpose(-2, -1)
+        nw = self.mask.shape[0]
+        attn = (attn.view(-1, nw, 4, 4) + self.mask.unsqueeze(0)).view(-1, 4, 4)
+        out = attn.softmax(-1) @ w
+        return self.head(out.mean(1))
+
+
+def test_windows_factored_two_ways_stay_whole():
+    torch.manual_seed(0)
+    model = WindowMask().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = oba_fx.trace(model, x)
+    assert not any(m.name == "mask" for g in graph.prunable_groups for m in g.members), graph.summary()
+    removal = random_removal(graph, 0.3)
+    slim = graph.prune(removal)
+    with torch.no_grad():
+        assert slim(x).shape == (8, 2)  # B x nW windows
