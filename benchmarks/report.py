@@ -211,8 +211,10 @@ def coverage_counts(d: dict) -> list[dict]:
         suite = lst.split()[0]
         for c in crits:
             rows = [r for r in d["rows"] if r["suite"] == suite and r["model"] in set(names) and r["criterion"] == c]
+            meta = [r["model"] for r in rows if r.get("mode") == "meta" and (r.get("stages", {}).get("flops") or {})
+                    .get("ok")]
             out.append({"list": lst, "criterion": c, "passed": sum(r["status"] == "pass" for r in rows),
-                        "run": len(rows), "listed": len(names)})
+                        "run": len(rows), "listed": len(names), "meta_only": meta})
     return out
 
 
@@ -233,9 +235,13 @@ def coverage(d: dict) -> list[str]:
     counts = coverage_counts(d)
     for lst in dict.fromkeys(c["list"] for c in counts):
         part = [f"{c['passed']}/{c['listed']} with {c['criterion']}"
+                + (f", plus {len(c['meta_only'])} too large for this machine that trace, rewrite and meet the "
+                   f"FLOPs target on the meta device ({', '.join(c['meta_only'])})" if c["meta_only"] else "")
                 + (f" ({c['listed'] - c['run']} not yet run)" if c["run"] < c["listed"] else "")
                 for c in counts if c["list"] == lst]
         out.append(f"- **{lst}**: " + ", ".join(part))
+    swept = list(dict.fromkeys(r["criterion"] for r in d["rows"]))
+    out += ["", f"Criteria swept: {', '.join(swept)}."]
     tv = [c for c in counts if c["list"].startswith("torchvision") and c["criterion"] == "oba"]
     if tv:
         got, listed = sum(c["passed"] for c in tv), sum(c["listed"] for c in tv)
