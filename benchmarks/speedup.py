@@ -125,7 +125,8 @@ def _merge(rows, repeats, args):
     kept = [r for r in old["rows"] if r["model"] not in args.models]
     commands = old.get("commands") or [{"command": old.get("command"), "machine": old.get("machine"),
                                         "models": sorted({r["model"] for r in old["rows"]})}]
-    commands = [c for c in commands if set(c["models"]) - set(args.models)]
+    commands = [{**c, "models": [m for m in c["models"] if m not in args.models]} for c in commands
+                if set(c["models"]) - set(args.models)]
     commands.append({"command": command_line(), "machine": machine(), "models": list(args.models)})
     return kept + rows, {**old.get("repeats", {}), **repeats}, {"commands": commands}
 

@@ -430,7 +430,7 @@ def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retri
     private.eval()  # python branches on self.training follow the inference code (see _follow_training_flag)
     tracer = _LeafTracer(leaf_types, leaf_names, autowrap, example)
     try:
-        return tracer.trace(private), tracer
+        return tracer.trace(private, concrete_args=_none_defaults(private, example)), tracer
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
         timm_fx = sys.modules.get("timm.layers._fx")
         if timm_fx is not None and not retried:
@@ -458,6 +458,23 @@ def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retri
         ) from err
 
 
+def _none_defaults(model: torch.nn.Module, example) -> dict | None:
+    """Forward arguments left at a ``None`` default (``mask=None``): traced as the constant None.
+
+    Symbolically they would be proxies, and ``if mask is not None:`` would take the wrong branch.
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    given = len(example) if example is not None else 0
+    out = {p.name: None for p in params[given:]
+           if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return out or None
+
+
 def by_mode(training: bool, train_value: Any, eval_value: Any) -> Any:
     """``train_value if training else eval_value``: a mode-dependent argument in a traced graph."""
     return train_value if training else eval_value
@@ -476,7 +493,8 @@ def _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer)
     """
     private.train()
     try:
-        train_graph = _LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap, tracer._example).trace(private)
+        train_graph = _LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap, tracer._example).trace(
+            private, concrete_args=_none_defaults(private, tracer._example))
     except Exception:  # noqa: BLE001 - a model that cannot trace in train mode keeps its eval graph
         train_graph = None
     finally:
