@@ -164,7 +164,7 @@ def speedup(d: dict) -> list[str]:
     head = []
     for c in runs:
         which = f" ({', '.join(c['models'])})" if c.get("models") else ""
-        head += [f"Machine{which}: {_machine(c['machine'])}", "", f"Command: `{c['command']}`", ""]
+        head += [f"Machine: {_machine(c['machine'])}", "", f"Command{which}: `{c['command']}`", ""]
     out = ["## Speed-up of slimmed models", "", d["description"] + ".", "", *head,
            "| model | variant | FLOPs | params | backend | batch | median ms | speed-up | speed-up / FLOPs reduction |",
            "|---|---|---:|---:|---|---:|---:|---:|---:|"]
