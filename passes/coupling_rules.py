@@ -377,6 +377,28 @@ def embedding_rule(r: _Rules, node, m: nn.Embedding):
     r.eq_all(r.V(node.args[0]), y[:-1])
 
 
+def _qkv_heads(r: _Rules, ref: str, H: int, Dqk: int, Dv: int, rows: int, bias_rows: int | None, out_cols: int):
+    """Packed q/k/v projection rows (q = H x Dqk, then k, then v = H x Dv) and the output projection's
+    columns (v's): the virtual slots ``{ref}.num_heads`` / ``.qk_head_dim`` / ``.v_head_dim`` the rewrite reads.
+
+    Returns the heads slot.
+    """
+    heads = r.c.virtual(f"{ref}.num_heads", H)
+    dqk = r.c.virtual(f"{ref}.qk_head_dim", Dqk)
+    dv = r.c.virtual(f"{ref}.v_head_dim", Dv)
+    off = 0
+    for part, dfac, D in (("q", dqk, Dqk), ("k", dqk, Dqk), ("v", dv, Dv)):
+        inner = r.c.virtual(f"{ref}.{part}", H * D)
+        r.c.equal(rows, inner, np.arange(off, off + H * D))
+        if bias_rows is not None:
+            r.c.equal(bias_rows, inner, np.arange(off, off + H * D))
+        off += H * D
+        r.c.product(inner, [heads, dfac])
+        if part == "v":
+            r.c.equal(out_cols, inner)
+    return heads
+
+
 def mha_rule(r: _Rules, node, m: nn.MultiheadAttention):
     """nn.MultiheadAttention (and the rewrite's SlimMultiheadAttention): embed dim, heads, head dims.
 
@@ -400,19 +422,7 @@ def mha_rule(r: _Rules, node, m: nn.MultiheadAttention):
     ow = r.c.param(f"{name}.out_proj.weight", {0: "producer", 1: "head"})
     for x in (qs, ks, vs):
         r.c.equal(x[-1], w[1])
-    heads = r.c.virtual(f"{name}.num_heads", H)
-    dqk = r.c.virtual(f"{name}.qk_head_dim", Dqk)
-    dv = r.c.virtual(f"{name}.v_head_dim", Dv)
-    off = 0
-    for part, dfac, D in (("q", dqk, Dqk), ("k", dqk, Dqk), ("v", dv, Dv)):
-        inner = r.c.virtual(f"{name}.{part}", H * D)
-        r.c.equal(w[0], inner, np.arange(off, off + H * D))
-        if b is not None:
-            r.c.equal(b[0], inner, np.arange(off, off + H * D))
-        off += H * D
-        r.c.product(inner, [heads, dfac])
-        if part == "v":
-            r.c.equal(ow[1], inner)
+    _qkv_heads(r, name, H, Dqk, Dv, w[0], b[0] if b is not None else None, ow[1])
     r.c.equal(out[-1], ow[0])
     if m.out_proj.bias is not None:
         r.c.equal(out[-1], r.c.param(f"{name}.out_proj.bias", {0: "bias"})[0])
@@ -1108,19 +1118,7 @@ def window_attention_rule(r: _Rules, node):
     for d in range(3):
         r.c.equal(x[d], y[d])
     qb = r.V(a["qkv_bias"]) if _is_tensor(a["qkv_bias"]) else None
-    heads = r.c.virtual(f"{node.name}.num_heads", H)
-    dqk = r.c.virtual(f"{node.name}.qk_head_dim", Dqk)
-    dv = r.c.virtual(f"{node.name}.v_head_dim", Dv)
-    off = 0
-    for part, dfac, D in (("q", dqk, Dqk), ("k", dqk, Dqk), ("v", dv, Dv)):
-        inner = r.c.virtual(f"{node.name}.{part}", H * D)
-        r.c.equal(wq[0], inner, np.arange(off, off + H * D))
-        if qb is not None:
-            r.c.equal(qb[0], inner, np.arange(off, off + H * D))
-        off += H * D
-        r.c.product(inner, [heads, dfac])
-        if part == "v":
-            r.c.equal(wp[1], inner)
+    heads = _qkv_heads(r, node.name, H, Dqk, Dv, wq[0], qb[0] if qb is not None else None, wp[1])
     rpb = r.V(a["relative_position_bias"]) if _is_tensor(a["relative_position_bias"]) else None
     if rpb is not None:
         if len(rpb) != 4 or r.c.size(rpb[1]) != H:

@@ -45,7 +45,7 @@ def zero_consumers(graph, removal: dict[int, list[int]], also=lambda member: Fal
         for gid, channels in removal.items():
             chans = torch.as_tensor(channels)
             for m in graph.group(gid).members:
-                if m.role != "consumer" and not also(m):
+                if (m.role != "consumer" and not also(m)) or m.name not in params:  # buffers stay
                     continue
                 idx = m.index[torch.isin(m.channel, chans)]
                 params[m.name].index_fill_(m.dim, idx, 0.0)

@@ -16,21 +16,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import oba_fx
-from helpers import random_removal
+from helpers import random_removal, zero_consumers
 
 
-def zero_members(graph, removal, roles=None):
+def zero_members(graph, removal):
     """The traced model with every parameter slice of the removed channels zeroed."""
-    ref = copy.deepcopy(graph.gm)
-    params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for gid, channels in removal.items():
-            chans = torch.as_tensor(channels)
-            for m in graph.group(gid).members:
-                if m.name not in params or (roles is not None and m.role not in roles):
-                    continue
-                params[m.name].index_fill_(m.dim, m.index[torch.isin(m.channel, chans)], 0.0)
-    return ref
+    return zero_consumers(graph, removal, also=lambda member: True)
 
 
 def meta_flops(model, x) -> int:
