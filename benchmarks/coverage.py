@@ -96,9 +96,10 @@ TIMM_MODELS = {
 def meta_flops(model: torch.nn.Module, args: tuple, device: str = "meta") -> int:
     """FLOPs of one eval-mode forward of ``model(*args)`` (a multiply-add = 2 FLOPs, as FlopCounterMode counts).
 
-    On the meta device no values are computed: ``torch.func.functional_call`` swaps in meta copies of every
-    parameter and buffer, plain tensor attributes (torch.fx constants) are swapped for the call and restored,
-    and the inputs are meta tensors. The MultiheadAttention fast path is disabled and scaled-dot-product
+    On the meta device no values are computed: every parameter, buffer and plain tensor attribute (torch.fx
+    constants) of every module is swapped for a meta stand-in with ``setattr`` and put back after (not by
+    ``functional_call``, whose restore leaves stand-ins in a module reached under two names), and the inputs
+    are meta tensors. The MultiheadAttention fast path is disabled and scaled-dot-product
     attention runs its math form, so every attention matmul reaches the counter as a matmul. ``device="cpu"``
     counts the same way on real tensors (for code that creates CPU tensors mid-forward). The model is not
     changed: its mode and attributes are restored.
@@ -108,23 +109,33 @@ def meta_flops(model: torch.nn.Module, args: tuple, device: str = "meta") -> int
     from torch.utils.flop_counter import FlopCounterMode
 
     to = (lambda t: torch.empty_like(t, device="meta")) if device == "meta" else (lambda t: t)
-    state = {k: to(v) for k, v in [*model.named_parameters(remove_duplicate=False),
-                                    *model.named_buffers(remove_duplicate=False)]}
-    plain = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    stand_in: dict[int, torch.Tensor] = {}
+
+    def swap(v):
+        if id(v) not in stand_in:  # tied tensors share one stand-in
+            w = to(v.detach())
+            stand_in[id(v)] = torch.nn.Parameter(w, requires_grad=False) if isinstance(v, torch.nn.Parameter) else w
+        return stand_in[id(v)]
+
+    # every (module, attribute) slot once: parameters, buffers and plain tensor attributes, set with setattr
+    # (an RNN re-points its flat weight list) and put back the same way
+    slots = [(m, k, v) for m in model.modules()
+             for k, v in [*m._parameters.items(), *m._buffers.items(), *vars(m).items()]
+             if isinstance(v, torch.Tensor)]
     margs = tree_map(lambda a: to(a) if isinstance(a, torch.Tensor) else a, args)
     modes, fast = [(m, m.training) for m in model.modules()], torch.backends.mha.get_fastpath_enabled()
     try:
-        for m, k, v in plain:
-            setattr(m, k, to(v))
+        for m, k, v in slots:
+            setattr(m, k, swap(v))
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
-            torch.func.functional_call(model, state, margs)
+            model(*margs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
         for m, training in modes:
             m.training = training
-        for m, k, v in plain:
+        for m, k, v in slots:
             setattr(m, k, v)
     return int(counter.get_total_flops())
 

@@ -171,10 +171,10 @@ def _group_key(g) -> str:
     return g.label.split(" (")[0]
 
 
-def _removal_from_order(order, counts_cap, sizes, k, round_to):
-    """Remove the first k (group, channel) pairs of ``order``, capped and rounded per group."""
+def _removal_from_order(units, counts_cap, sizes, round_to):
+    """Remove the (group, channel) pairs ``units``, in order, capped and rounded per group."""
     take: dict[int, list[int]] = {}
-    for gid, ch in order[:k]:
+    for gid, ch in units:
         take.setdefault(gid, []).append(ch)
     out = {}
     for gid, chans in take.items():
@@ -186,6 +186,99 @@ def _removal_from_order(order, counts_cap, sizes, k, round_to):
         if n > 0:
             out[gid] = chans[:n]
     return out
+
+
+#: The selection refines while it lands more than this fraction of the original below the goal.
+FILL_TOLERANCE = 0.005
+#: At most this many refinements per step.
+MAX_REFINEMENTS = 8
+
+
+def _fill_to_goal(order, cost_of, goal, *, tol, on_unreachable, max_refinements=MAX_REFINEMENTS):
+    """The removal (units taken in ranked order) whose cost is at most ``goal`` and closest to it.
+
+    ``cost_of(units)`` is the cost after removing ``units``; it is non-increasing along any prefix of ``order``
+    and of the reorderings below. Bisection finds the shortest prefix of ``order`` that meets the goal. Its last
+    unit can remove much more than the gap left before it (a channel of a grouped-conv group is a whole conv
+    group; a stem channel costs more than a head channel), landing more than ``tol`` below the goal. Two
+    refinements then look for a removal closer to the goal, each repeated while the result stays more than
+    ``tol`` below it (at most ``max_refinements`` times); the closest of the three results wins:
+
+    - *defer*: the crossing unit is kept, its group stops at the width the prefix gave it, and the finer
+      units of other groups ranked after it fill the gap (galloping, then bisection, from the prefix before it);
+    - *pin*: the crossing unit is removed, and the most important units ranked before it are given back
+      (bisection for the shortest ``pinned + prefix`` that still meets the goal).
+
+    Returns (units, cost evaluations, the crossing units a refinement moved: deferred ones kept, pinned ones
+    removed).
+    """
+    evals = 0
+
+    def cost(seq):
+        nonlocal evals
+        evals += 1
+        return cost_of(seq)
+
+    def shortest(seq, lo, hi, c_hi):
+        # cost(seq[:lo]) > goal >= cost(seq[:hi]) = c_hi: the smallest such hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = cost(seq[:mid])
+            if c <= goal:
+                hi, c_hi = mid, c
+            else:
+                lo = mid
+        return hi, c_hi
+
+    def gallop(seq, lo):
+        # cost(seq[:lo]) > goal: the smallest k > lo with cost(seq[:k]) <= goal, or (None, None)
+        step, hi = 1, len(seq)
+        while lo < hi:
+            probe = min(lo + step, hi)
+            c = cost(seq[:probe])
+            if c <= goal:
+                return shortest(seq, lo, probe, c)
+            lo, step = probe, step * 2
+        return None, None
+
+    c_all = cost(order)
+    if c_all > goal:
+        raise on_unreachable(c_all)
+    # the caller knows that removing nothing misses the goal
+    k0, c0 = shortest(list(order), 0, len(order), c_all)
+    results = [(c0, list(order[:k0]), [])]
+
+    def defer():
+        seq, k, moved = list(order), k0, []
+        for _ in range(max_refinements):
+            if goal - results[-1][0] <= tol:
+                return
+            unit = seq[k - 1]
+            moved.append(unit)
+            # the crossing unit's group is kept at its prefix width: its next units would cross the same way
+            seq = seq[:k - 1] + [u for u in seq[k:] if u[0] != unit[0]]
+            k, c = gallop(seq, k - 1)
+            if k is None:
+                return
+            results.append((c, seq[:k], list(moved)))
+
+    def pin():
+        seq, k, c, pinned = list(order), k0, c0, []
+        for _ in range(max_refinements):
+            if goal - c <= tol or k - 1 <= len(pinned):
+                return
+            pinned.append(seq[k - 1])
+            head = len(pinned)
+            seq = pinned + [u for u in seq[:k - 1] if u not in pinned] + seq[k:]
+            c_head = cost(seq[:head])
+            k, c = (head, c_head) if c_head <= goal else shortest(seq, head, k, c)
+            results.append((c, seq[:k], list(pinned)))
+
+    if goal - c0 > tol:
+        defer()
+        pin()
+    c, best, moved = max(results, key=lambda r: r[0])
+    return best, evals, moved
 
 
 def _frozen_summary(graph: Graph, limit: int = 8) -> str:
@@ -388,10 +481,9 @@ def compress(
                            key=lambda t: (t[0], t[1], t[2]))
             order = [(gid, ch) for _, gid, ch in order if caps[gid] > 0]
 
-            def removal_at(k):
-                return _removal_from_order(order, caps, sizes, k, round_to)
+            def removal_at(seq):
+                return _removal_from_order(seq, caps, sizes, round_to)
 
-            hi = len(order)
         else:
             # local: every group loses the same fraction; channels are ordered by their fractional rank
             # within their group ((r + 1) / size), so the bisection moves one channel at a time and the
@@ -403,29 +495,17 @@ def compress(
             keyed.sort()
             order = [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
 
-            def removal_at(k):
-                return _removal_from_order(order, caps, sizes, k, round_to)
+            def removal_at(seq):
+                return _removal_from_order(seq, caps, sizes, round_to)
 
-            hi = len(order)
-        # smallest k whose rewrite meets the goal (cost is non-increasing in k)
-        lo, evals = 0, 0
-        cost_hi = _candidate_cost(counted, graph._result, removal_at(hi), measure, method)
-        evals += 1
-        if cost_hi > goal:
-            raise ValueError(
-                f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove leaves "
-                f"{cost_hi / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}\n"
-                f"{_unreachable_fix(graph, cost_hi / base)}"
-            )
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            c = _candidate_cost(counted, graph._result, removal_at(mid), measure, method)
-            evals += 1
-            if c <= goal:
-                hi = mid
-            else:
-                lo = mid
-        removal = removal_at(hi)
+        # the shortest ranked prefix whose rewrite meets the goal, refined when its last unit is coarse
+        removal, evals, moved = _fill_to_goal(
+            order, lambda seq: _candidate_cost(counted, graph._result, removal_at(seq), measure, method),
+            goal, tol=FILL_TOLERANCE * base, on_unreachable=lambda c: ValueError(
+                f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove "
+                f"leaves {c / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}\n"
+                f"{_unreachable_fix(graph, c / base)}"))
+        removal = removal_at(removal)
         t_select = time.perf_counter() - t0
         # magnitude and random scores are not loss changes: no prediction to report for them
         predicted = None if criterion in ("magnitude", "random") else \
@@ -450,6 +530,9 @@ def compress(
             "loss_before": loss_before,
             "loss_after": loss_after,
             "bisection_evaluations": evals,
+            # channels taken out of rank order to land on the goal (see _fill_to_goal)
+            "out_of_order_channels": {_group_key(by_id[gid]): sorted(int(c) for g2, c in moved if g2 == gid)
+                                      for gid in sorted({gid for gid, _ in moved})},
             "seconds": {"trace": t_trace, "score": t_score, "select": t_select, "rewrite": t_rewrite},
         }
         if finetune is not None:

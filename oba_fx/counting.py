@@ -26,8 +26,9 @@ kernels it has none for, and they count as 0 (measured on CPU, torch 2.14):
 kernels likewise.  On the meta device there are no fused kernels: these ops
 decompose into mm/bmm, every one is counted, and nothing is computed.  The meta
 run swaps meta stand-ins for the model's parameters, buffers and plain tensor
-attributes with ``torch.func.functional_call`` (no weights are copied), with the
-MHA fast path disabled and the math SDPA backend selected.
+attributes with ``torch.func.functional_call`` (no weights are copied; one name
+per module slot, see passes/stateless.py), with the MHA fast path disabled and
+the math SDPA backend selected.
 
 Fallback.  A model the meta device cannot run (tensors created on a fixed device
 inside ``forward``, tensors hidden in containers, data-dependent ops such as
@@ -196,9 +197,11 @@ def _to_meta(x: Any) -> Any:
 
 
 def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{qualified name: meta tensor} for every parameter, buffer and plain tensor attribute.
+    """{qualified name: meta tensor}, one name per (module, attribute) slot: every parameter, buffer and plain
+    tensor attribute.
 
-    Tied tensors get one shared stand-in, so weight tying survives the swap.
+    Tied tensors (two slots, one tensor) get one shared stand-in, so weight tying survives the swap; a module
+    reached under two names is one slot, named once (see passes/stateless.py for why that matters).
     """
     stand_in: dict[int, torch.Tensor] = {}
 
@@ -207,13 +210,16 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
             stand_in[id(t)] = t.detach().to("meta")
         return stand_in[id(t)]
 
-    state = {k: meta(v) for k, v in model.named_parameters(remove_duplicate=False)}
-    state.update({k: meta(v) for k, v in model.named_buffers(remove_duplicate=False) if v is not None})
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, str]] = set()
     for mname, m in model.named_modules(remove_duplicate=False):
-        for attr, v in vars(m).items():
-            # GraphModule constants (_tensor_constant0) and hand-set tensors live in __dict__
-            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
-                state[f"{mname}.{attr}" if mname else attr] = meta(v)
+        # GraphModule constants (_tensor_constant0) and hand-set tensors live in __dict__
+        attrs = [(k, v) for k, v in vars(m).items() if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)]
+        for attr, v in [*m._parameters.items(), *m._buffers.items(), *attrs]:
+            if v is None or (id(m), attr) in seen:
+                continue
+            seen.add((id(m), attr))
+            state[f"{mname}.{attr}" if mname else attr] = meta(v)
     return state
 
 
@@ -226,7 +232,7 @@ def _flops_on_meta(model: nn.Module, args: tuple) -> int:
     attrs = [(m, dict(vars(m))) for m in model.modules()]
     try:
         with _counting_mode(model), FlopCounterMode(display=False) as counter:
-            torch.func.functional_call(model, state, meta_args, tie_weights=True, strict=False)
+            torch.func.functional_call(model, state, meta_args, tie_weights=False, strict=False)
     finally:
         for m, saved in attrs:
             d = vars(m)

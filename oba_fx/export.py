@@ -183,6 +183,29 @@ def output_names(output) -> tuple[list[str], list[torch.Tensor]]:
     return names, tensors
 
 
+class _GivenInputs(nn.Module):
+    """``forward(*args)``: the TorchScript exporter fills every forward argument the example inputs leave out
+    with its default, as a graph input; a specialised default (``is_causal=False`` in a traced graph) then
+    meets fx's check as a tensor and the export fails. This wrapper exposes only the given inputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
+
+
+def _more_params_than(model: nn.Module, n: int) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in list(params)[n:])
+
+
 def _export(model, args, path, names, out_names, opset, dynamic_batch, use_dynamo):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,5 +216,7 @@ def _export(model, args, path, names, out_names, opset, dynamic_batch, use_dynam
                               dynamic_shapes=shapes, opset_version=opset, verbose=False)
         else:
             axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
+            if _more_params_than(model, len(args)):
+                model = _GivenInputs(model)
             torch.onnx.export(model, args, path, dynamo=False, input_names=names, output_names=out_names,
                               dynamic_axes=axes, opset_version=opset)

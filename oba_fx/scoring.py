@@ -27,9 +27,10 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from passes import distributed as _dist
+from passes import stateless
 from torch.utils import _pytree as pytree
 
 from passes.curvature import (CalibrationError, _to, check_default_loss_output, composite_norms, curvature,
@@ -163,7 +164,7 @@ def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chun
     params = {n: named[n].detach() for n in names}
 
     def sample_loss(p, inputs, target):
-        out = functional_call(model, p, tuple(x.unsqueeze(0) for x in inputs))
+        out = stateless.call(model, p, tuple(x.unsqueeze(0) for x in inputs))
         return loss_fn(out, target.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk)
@@ -478,7 +479,7 @@ def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk
                 p0 = {k: delta[k].neg() for k in touched}  # θ
 
                 def L(p, target_tensors):
-                    return loss_fn(functional_call(model, p, inputs), rebuild_targets(target_tensors))
+                    return loss_fn(stateless.call(model, p, inputs), rebuild_targets(target_tensors))
 
                 def hvp_c(c):
                     v = {k: torch.where(cm[k].mask(c), delta[k], torch.zeros_like(delta[k])) for k in touched}

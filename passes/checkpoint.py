@@ -38,7 +38,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.fx
 import torch.nn as nn
-from torch.nn.utils.stateless import _reparametrize_module
+from .stateless import reparametrized
 from torch.utils import _pytree as pytree
 
 __all__ = ["SegmentedGraph", "RecomputeError"]
@@ -146,7 +146,7 @@ class SegmentedGraph:
             raise RecomputeError(f"checkpoint=: the graph takes {len(self.placeholders)} inputs, got {len(inputs)}")
         env = dict(zip(self.placeholders, inputs))
         saved = []
-        with torch.no_grad(), _no_mha_fastpath(), _reparametrize_module(self.gm, params):
+        with torch.no_grad(), _no_mha_fastpath(), reparametrized(self.gm, params):
             interp = torch.fx.Interpreter(self.gm)
             for j, ch in enumerate(self.chunks):
                 saved.append({n: _clone(env[n]) for n in self.crossing[j]})
@@ -195,7 +195,7 @@ class SegmentedGraph:
                     env[n] = v
             duals = dict(leaves) if directions is None else \
                 {nm: fwAD.make_dual(leaves[nm], directions[nm]) for nm in names}
-            with torch.enable_grad(), _reparametrize_module(self.gm, duals):
+            with torch.enable_grad(), reparametrized(self.gm, duals):
                 self._run(torch.fx.Interpreter(self.gm), env, ch, free=False)
             values = [env[n] for n in outs]
             keep = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.requires_grad]

@@ -46,10 +46,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from passes import distributed as _dist
+from passes import stateless
 
 __all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES",
            "ExactCurvatureOps", "check_default_loss_output"]
@@ -670,7 +670,7 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     if set(want) == {"g"}:  # first order only: a plain forward and backward, no dual numbers
         with torch.enable_grad():
             if sg is None:
-                out = functional_call(model, dict(zip(names, leaves)), inputs)
+                out = stateless.call(model, dict(zip(names, leaves)), inputs)
                 res = _Output(out, bi)
                 loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else \
@@ -688,7 +688,7 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
     with fwAD.dual_level(), fast:
         if sg is None:
             duals = [fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)]
-            out = functional_call(model, dict(zip(names, duals)), inputs)
+            out = stateless.call(model, dict(zip(names, duals)), inputs)
         else:
             out, saved = sg.forward({n: fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)}, inputs)
         res = _Output(out, bi)
@@ -753,7 +753,7 @@ def _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, u
     dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
     results = {}
     with torch.enable_grad():
-        out = functional_call(model, dict(zip(names, leaves)), inputs)
+        out = stateless.call(model, dict(zip(names, leaves)), inputs)
         res = _Output(out, bi)
         loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
         need_hess = any(q in want for q in ("H", "G", "F"))
@@ -797,7 +797,7 @@ def _batch_third_order(model, names, leaves, direction, inputs, targets, loss_fn
     dirs = [direction[n].to(leaf.dtype) for n, leaf in zip(names, leaves)]
     results = {}
     with torch.enable_grad(), composite_norms():
-        out = functional_call(model, dict(zip(names, leaves)), inputs)
+        out = stateless.call(model, dict(zip(names, leaves)), inputs)
         _Output(out, bi)
         loss = _loss_at_output(out, targets, loss_fn, user_loss, bi)
         g = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True) if loss.requires_grad else \

@@ -430,7 +430,8 @@ def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retri
     private.eval()  # python branches on self.training follow the inference code (see _follow_training_flag)
     tracer = _LeafTracer(leaf_types, leaf_names, autowrap, example)
     try:
-        return tracer.trace(private, concrete_args=_none_defaults(private, example)), tracer
+        concrete = _none_defaults(private, example)
+        return _keep_arg_names(tracer.trace(private, concrete_args=concrete), concrete), tracer
     except Exception as err:  # noqa: BLE001 - any tracing failure becomes one clear error
         timm_fx = sys.modules.get("timm.layers._fx")
         if timm_fx is not None and not retried:
@@ -459,9 +460,13 @@ def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retri
 
 
 def _none_defaults(model: torch.nn.Module, example) -> dict | None:
-    """Forward arguments left at a ``None`` default (``mask=None``): traced as the constant None.
+    """Forward arguments the example inputs leave at a constant default (``mask=None``, ``is_causal=False``,
+    ``scale=1.0``): traced as that constant.
 
-    Symbolically they would be proxies, and ``if mask is not None:`` would take the wrong branch.
+    Symbolically they would be proxies: ``if mask is not None:`` would take the wrong branch, and a proxy
+    reaching ``F.scaled_dot_product_attention(is_causal=...)`` breaks the ONNX export of the slim model (timm
+    EVA-02). torch.fx keeps them in the signature with a check: calling the traced model with another value
+    raises "... has been specialized to have value False but got another value".
     """
     import inspect
 
@@ -470,9 +475,20 @@ def _none_defaults(model: torch.nn.Module, example) -> dict | None:
     except (TypeError, ValueError):
         return None
     given = len(example) if example is not None else 0
-    out = {p.name: None for p in params[given:]
-           if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    out = {p.name: p.default for p in params[given:]
+           if (p.default is None or type(p.default) in (bool, int, float, str))
+           and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return out or None
+
+
+def _keep_arg_names(graph: torch.fx.Graph, concrete: dict | None) -> torch.fx.Graph:
+    """torch.fx names the placeholder of a specialised argument ``is_causal_1``; the traced forward then
+    refuses ``is_causal=...`` as an unexpected keyword. Give the signature its own names back, so a call with
+    another value meets fx's "has been specialized" check instead."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and concrete and node.target.endswith("_1") and node.target[:-2] in concrete:
+            node.target = node.target[:-2]
+    return graph
 
 
 def by_mode(training: bool, train_value: Any, eval_value: Any) -> Any:
@@ -493,8 +509,9 @@ def _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer)
     """
     private.train()
     try:
-        train_graph = _LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap, tracer._example).trace(
-            private, concrete_args=_none_defaults(private, tracer._example))
+        concrete = _none_defaults(private, tracer._example)
+        train_graph = _keep_arg_names(_LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap,
+                                                  tracer._example).trace(private, concrete_args=concrete), concrete)
     except Exception:  # noqa: BLE001 - a model that cannot trace in train mode keeps its eval graph
         train_graph = None
     finally:

@@ -1,6 +1,7 @@
 """Issue 4: compress() lands on target, scores drive the choice, unstructured sparsity, save/load/ONNX."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -114,12 +115,17 @@ def test_scores_drive_the_choice():
     g1 = next(g for g in graph.prunable_groups if any(m.name == "c1.weight" and m.dim == 0 for m in g.members))
     s = oba_fx.group_scores(graph, cal, "oba", progress=False)[g1.id]
     assert s[1] == 0 and s[4] == 0 and (s.abs()[[0, 2, 3, 5, 6, 7]] > 0).all()
-    # each c1 channel carries 12.5% of the FLOPs: a 0.8 target removes exactly two channels,
-    # and the two zero channels (|ΔL| = 0) go first
-    res = oba_fx.compress(model, x, cal, target_flops=0.8, criterion="oba", progress=False)
+    # each c1 channel carries about 12.5% of the FLOPs (its 27 weights and 8 x 9 of c2's per position):
+    # this target, counted by hand, is met exactly by removing two of them, and the two zero channels
+    # (|ΔL| = 0) go first
+    macs = lambda c: 64 * (c * 27 + 8 * c * 9) + 80  # noqa: E731 - c1 with c channels, c2, fc
+    target = macs(6) / macs(8)
+    res = oba_fx.compress(model, x, cal, target_flops=target, criterion="oba", progress=False)
     removed = res.report["step_reports"][0]["removed_channels"]
     assert removed == {next(iter(removed)): [1, 4]} and next(iter(removed)).startswith("c1.weight"), removed
-    rnd = oba_fx.compress(model, x, cal, target_flops=0.8, criterion="random", seed=3, progress=False)
+    assert res.report["flops"]["ratio"] == pytest.approx(target, rel=1e-12)
+    assert not res.report["step_reports"][0]["out_of_order_channels"]
+    rnd = oba_fx.compress(model, x, cal, target_flops=target, criterion="random", seed=3, progress=False)
     assert rnd.report["step_reports"][0]["removed_channels"] != removed
 
 
@@ -234,3 +240,93 @@ def test_bad_input_is_clear_and_model_unchanged():
 
     with pytest.raises(oba_fx.TraceFailure, match="leaf_modules"):
         oba_fx.compress(Branchy(), torch.randn(2, 4), [(torch.randn(2, 4), torch.tensor([0, 1]))], progress=False)
+
+
+# --- landing on the target when one ranked unit is coarse ------------------------------------------------------
+
+def _fill(order, unit_cost, base, goal_frac, tol_frac=0.005):
+    fill = importlib.import_module("oba_fx.compress")._fill_to_goal
+
+    def cost_of(units):
+        return base - sum(unit_cost[u[0]] for u in units)
+
+    units, _, moved = fill(order, cost_of, goal_frac * base, tol=tol_frac * base,
+                           on_unreachable=lambda c: ValueError(c))
+    return cost_of(units) / base, units, moved
+
+
+def test_fill_pins_a_coarse_last_unit_and_gives_back_fine_ones():
+    # 90 fine units (0.5% each) ranked first, then 2 coarse ones (30% each): the plain shortest prefix that
+    # reaches 50% takes all fine units (45%) and one coarse unit, landing at 25%
+    unit_cost = {"f": 0.5, "c": 30.0}
+    order = [("f", i) for i in range(90)] + [("c", 0), ("c", 1)]
+    ratio, units, moved = _fill(order, unit_cost, 100.0, 0.5)
+    assert 0.495 <= ratio <= 0.5
+    assert ("c", 0) in units and moved == [("c", 0)]
+    plain = next(k for k in range(len(order) + 1) if 100 - sum(unit_cost[u[0]] for u in order[:k]) <= 50)
+    assert 100 - sum(unit_cost[u[0]] for u in order[:plain]) < 49.5  # the old rule misses by more than tol
+
+
+def test_fill_defers_a_coarse_group_interleaved_with_fine_units():
+    # coarse (5.5%) and fine (0.06%) units alternate; only deferring the whole coarse group lands near 60%
+    unit_cost = {"c": 5.5, "f": 0.06}
+    order = [u for i in range(16) for u in (("f", i), ("c", i))] + [("f", i) for i in range(16, 230)]
+    ratio, units, moved = _fill(order, unit_cost, 100.0, 0.6)
+    assert 0.595 <= ratio <= 0.6
+    assert moved and all(u[0] == "c" for u in moved)
+
+
+def test_fill_never_exceeds_the_goal_and_is_exact_when_units_are_fine():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = int(torch.randint(5, 60, (1,), generator=g))
+        costs = {i: float(c) for i, c in enumerate((torch.rand(n, generator=g) ** 4 * 20).tolist())}
+        order = [(i, 0) for i in torch.randperm(n, generator=g).tolist()]
+        base = sum(costs.values()) + 1.0
+        goal = float(torch.rand(1, generator=g)) * 0.8 + 0.1
+        fill = importlib.import_module("oba_fx.compress")._fill_to_goal
+        units, _, _ = fill(order, lambda us: base - sum(costs[u[0]] for u in us), goal * base, tol=0.0,
+                           on_unreachable=lambda c: ValueError(c))
+        assert base - sum(costs[u[0]] for u in units) <= goal * base + 1e-9
+        assert len(set(units)) == len(units) and set(units) <= set(order)
+
+
+class _CoarseStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 8 * 8, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.stem(x))))
+        x = nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _hand_flops(m: _CoarseStem, batch: int = 2, side: int = 32) -> int:
+    """2 x multiply-adds of the four layers, from their shapes (pooling and ReLU are not counted)."""
+    s, c2, f1, f2 = m.stem, m.c2, m.fc1, m.fc2
+    macs = side * side * (s.out_channels * s.in_channels * 9 + c2.out_channels * c2.in_channels * 9)
+    macs += f1.in_features * f1.out_features + f2.in_features * f2.out_features
+    return 2 * batch * macs
+
+
+@pytest.mark.parametrize("target", [0.4, 0.6, 0.7])
+def test_compress_lands_on_target_when_ranked_channels_are_coarse(target):
+    """A c2 channel costs 5.5% of the FLOPs and an fc1 unit 0.06%; a ranking that interleaves them used to stop
+    at the first c2 channel crossing the goal (0.5586 for 0.6). Checked by a hand count."""
+    torch.manual_seed(0)
+    m, x = _CoarseStem(), torch.randn(2, 3, 32, 32)
+
+    def by_index(graph, batches):  # equal raw scores per index in every group, stem last
+        return {gr.id: torch.arange(gr.size, dtype=torch.float64) + (1000.0 if "stem" in gr.label else 0.0)
+                for gr in graph.prunable_groups}
+
+    calib = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+    res = oba_fx.compress(m, x, calib, target_flops=target, criterion=by_index, progress=False)
+    ratio = _hand_flops(res.model) / _hand_flops(m)
+    assert target - 0.005 <= ratio <= target, ratio
+    assert abs(res.report["flops"]["ratio"] - ratio) < 1e-9
+    assert res.report["step_reports"][0]["out_of_order_channels"]

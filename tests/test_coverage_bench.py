@@ -162,6 +162,32 @@ def test_meta_flops_matches_a_hand_count_and_leaves_the_model_alone():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+def test_meta_flops_leaves_a_shared_module_and_tied_weights_in_place():
+    """A module reached under two names (CoaT's shared position encodings) and weights tied across modules
+    keep their own Parameters after the count (functional_call's restore left meta tensors in the first)."""
+    cov = _bench("coverage")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_shared_modules import SharedPE, TiedAcross
+
+    for model, x, hand in [
+        (SharedPE().eval(), torch.randn(2, 3, 6, 6),
+         2 * 2 * 36 * (8 * 3 * 9 + 2 * (8 * 9 + 8 * 8)) + 2 * 2 * 8 * 10),
+        (TiedAcross().eval(), torch.randn(2, 6), 2 * 2 * 3 * 36),
+    ]:
+        before = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+        ref = model(x).detach()
+        assert cov.meta_flops(model, (x,)) == hand
+        after = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+        assert [n for n, _ in after] == [n for n, _ in before]
+        assert all(p is q and p.device.type == "cpu" for (_, p), (_, q) in zip(after, before))
+        assert torch.equal(model(x), ref)
+    lstm = nn.LSTM(8, 16, batch_first=True)
+    xs = torch.randn(2, 5, 8)
+    ref = lstm(xs)[0].detach()
+    assert cov.meta_flops(lstm, (xs,)) == 2 * 2 * 5 * 4 * 16 * (8 + 16)  # 4 gates, input and hidden matmuls
+    assert torch.equal(lstm(xs)[0], ref)
+
+
 def test_timm_list_covers_the_issue_families():
     timm = pytest.importorskip("timm")
     cov = _bench("coverage")

@@ -7,8 +7,10 @@ channel must compute what zeroing every slice that vanishes with it computes.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -548,3 +550,49 @@ def test_windows_factored_two_ways_stay_whole():
     slim = graph.prune(removal)
     with torch.no_grad():
         assert slim(x).shape == (8, 2)  # B x nW windows
+
+
+# --------------------------------------------------------------------------- forward arguments left at defaults
+
+class _DefaultArgs(nn.Module):
+    """timm EVA's ``forward(x, attn_mask=None, is_causal=False)``, plus a float default."""
+
+    def __init__(self, d=16, h=4):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False, scale: float = 1.0):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None:
+            q = q * 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.head(self.proj(y.transpose(1, 2).reshape(B, N, C)).mean(1) * scale)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_forward_arguments_left_at_constant_defaults_are_traced_at_them(tmp_path, dynamo):
+    """A bool default reaching SDPA's is_causal used to stay a placeholder: the slim model then failed the
+    ONNX export ("argument 'is_causal' must be bool"; timm eva02 in the coverage sweep)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m, x = _DefaultArgs().eval(), torch.randn(2, 5, 16)
+    y = torch.randint(0, 10, (2,))
+    res = oba_fx.compress(m, x, [(x, y)], target_flops=0.6, criterion="oba", progress=False)
+    slim = res.model.eval()
+    assert res.report["flops"]["ratio"] <= 0.6
+    assert slim.proj.in_features < 16  # heads were removed
+    path = oba_fx.export_onnx(slim, x, tmp_path / "s.onnx", dynamo=dynamo)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    ref = slim(x).detach().numpy()
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    # the signature keeps its names and defaults; another value is refused by name, not silently ignored
+    assert list(inspect.signature(slim.forward).parameters) == ["x", "attn_mask", "is_causal", "scale"]
+    torch.testing.assert_close(slim(x, is_causal=False, scale=1.0), slim(x))
+    with pytest.raises(AssertionError, match="is_causal has been specialized to have value False"):
+        slim(x, is_causal=True)
