@@ -11,6 +11,9 @@ Public API:
     get_dataset("fashion-mnist"), train(...), evaluate(...), measure_latency(...)
 """
 from passes.dependency import Group, Member, UnknownOpWarning
+from passes.compensate import compensate
+from passes.curvature import CalibrationError
+from passes.norm_stats import reestimate_batchnorm
 from passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
 from passes.rewrite import RewriteError
 from passes.trace import TraceFailure
@@ -38,5 +41,5 @@ __all__ = [
     "save", "load", "export_onnx", "OnnxMismatch",
     "TraceFailure", "RewriteError", "UnknownOpWarning",
     "get_dataset", "DataSpec", "DATASETS", "DatasetNotFound", "train", "evaluate", "load_checkpoint",
-    "CheckpointError", "measure_latency",
+    "CheckpointError", "measure_latency", "compensate", "reestimate_batchnorm", "CalibrationError",
 ]

@@ -276,7 +276,7 @@ def cmd_train(args) -> int:
 def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion=None,
                  steps=1, scope="global", finetune_epochs=0, lr=0.01, batch_size=128, calib_batches=8,
                  calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, activation_checkpoint=False,
-                 args=None) -> dict:
+                 compensate=False, reestimate_bn=False, args=None) -> dict:
     import oba_fx
 
     from .plots import plot_steps, plot_widths
@@ -329,7 +329,7 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     res = oba_fx.compress(model, example, calib, target_flops=target_flops, criterion=criterion, steps=steps,
                           scope=scope, round_to=round_to, finetune=after_step, batches_per_step=calib_batches,
                           seed=seed, process_group=pg, progress=_rank() == 0, micro_batch=micro_batch,
-                          checkpoint=activation_checkpoint)
+                          checkpoint=activation_checkpoint, compensate=compensate, reestimate_bn=reestimate_bn)
     slim = res.model
     flops1, params1 = oba_fx.count(slim, example[:1])
     after = {"accuracy": records[-1]["accuracy"], "loss": records[-1]["loss"], "flops": flops1, "params": params1}
@@ -371,7 +371,8 @@ def cmd_compress(args) -> int:
                  finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                  calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size, kd=args.kd,
                  round_to=args.round_to, seed=args.seed, micro_batch=args.micro_batch,
-                 activation_checkpoint=args.activation_checkpoint or False, args=args)
+                 activation_checkpoint=args.activation_checkpoint or False, compensate=args.compensate,
+                 reestimate_bn=args.reestimate_bn, args=args)
     return 0
 
 
@@ -589,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activation-checkpoint", type=int, nargs="?", const=True, metavar="SEGMENTS",
                    help="recompute activations while scoring (less memory, one more forward, same scores); "
                         "optionally the number of graph segments (default about sqrt of the graph's nodes)")
+    c.add_argument("--compensate", action="store_true",
+                   help="after each rewrite, refit the kept input weights of every consumer layer by least "
+                        "squares against the original layer's output on the calibration batches")
+    c.add_argument("--reestimate-bn", action="store_true",
+                   help="after each rewrite, re-estimate every BatchNorm's running statistics on the "
+                        "calibration batches instead of keeping the sliced ones")
     c.add_argument("--out", required=True, help="folder for model.pt, model.onnx, report.json and plots")
     c.set_defaults(fn=cmd_compress)
 

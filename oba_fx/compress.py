@@ -30,6 +30,8 @@ import torch.nn as nn
 
 from passes import distributed as _dist
 from passes.curvature import CalibrationError, _check_targets, _to, default_loss, scoring_mode, split_batch
+from passes.compensate import DEFAULT_DAMPING
+from passes.norm_stats import reestimate_batchnorm
 from passes.rewrite import rewrite
 from passes.trace import TracedGraph
 
@@ -345,6 +347,9 @@ def compress(
     progress: bool = True,
     micro_batch: int | None = None,
     checkpoint: bool | int = False,
+    reestimate_bn: bool | Iterable = False,
+    compensate: bool = False,
+    damping: float = DEFAULT_DAMPING,
 ) -> CompressResult:
     """Structured pruning to a FLOPs (or parameter) target.
 
@@ -379,6 +384,18 @@ def compress(
             while scoring (less memory, same scores for a per-sample mean loss).
         checkpoint: activation checkpointing while scoring (True, or a number of
             graph segments): less memory for one more forward, same scores.
+        reestimate_bn: True: after each step's rewrite, replace every BatchNorm's
+            running statistics by their average over the step's calibration batches
+            (``passes.norm_stats``); or an iterable of batches to use instead (a
+            training loader: more data, better estimates); False (for now the
+            default, so that the recorded benchmarks stay what they measured) keeps
+            the sliced, stale statistics.
+        compensate: after each rewrite, refit every consumer's kept input weights
+            and bias by damped least squares against the original layer's output
+            on the step's calibration batches (``passes.compensate``); before the
+            BatchNorm re-estimation.
+        damping: the compensation's λ, relative to the mean diagonal of each kept
+            input Gram matrix.
 
     Returns:
         CompressResult with ``.model`` and ``.report``.
@@ -417,6 +434,16 @@ def compress(
         raise CalibrationError("calibration is None: give an iterable of (inputs, targets) batches")
     if iter(calibration) is calibration:  # a one-shot iterator: keep it for all steps
         calibration = list(calibration)
+    if reestimate_bn is not True and reestimate_bn is not False:
+        if not isinstance(reestimate_bn, Iterable) or isinstance(reestimate_bn, (str, bytes)):
+            raise ValueError(f"reestimate_bn must be True, False or an iterable of (inputs, targets) batches, "
+                             f"got {type(reestimate_bn).__name__}")
+        if iter(reestimate_bn) is reestimate_bn:
+            reestimate_bn = list(reestimate_bn)
+    if not isinstance(compensate, bool):
+        raise ValueError(f"compensate must be True or False, got {compensate!r}")
+    if not (isinstance(damping, (int, float)) and damping >= 0):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     ignore = tuple(ignore)
     args = example_args(model, example_inputs)
     t_start = time.perf_counter()
@@ -513,8 +540,17 @@ def compress(
         t0 = time.perf_counter()
         loss_before = evaluate_loss(graph.gm, batches, loss_fn)
         slim = graph.prune(removal)
-        loss_after = evaluate_loss(slim, batches, loss_fn)
         t_rewrite = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        post = {"loss_after_rewrite": evaluate_loss(slim, batches, loss_fn)}
+        if compensate:
+            post["compensation"] = graph.compensate(slim, removal, batches, damping=damping)
+            post["loss_after_compensation"] = evaluate_loss(slim, batches, loss_fn)
+        if reestimate_bn is not False:
+            post["batchnorm"] = reestimate_batchnorm(slim, batches if reestimate_bn is True else reestimate_bn)
+            post["loss_after_batchnorm"] = evaluate_loss(slim, batches, loss_fn)
+        loss_after = post.get("loss_after_batchnorm", post.get("loss_after_compensation", post["loss_after_rewrite"]))
+        t_post = time.perf_counter() - t0
         by_id = {g.id: g for g in groups}
         step_report = {
             "step": step,
@@ -527,13 +563,17 @@ def compress(
             "removed_channels": {_group_key(by_id[gid]): sorted(int(c) for c in ch) for gid, ch in removal.items()},
             "predicted_delta_loss": predicted,
             "measured_delta_loss": loss_after - loss_before,
+            # the prediction is for the plain removal: compare it with this one
+            "measured_delta_loss_rewrite": post["loss_after_rewrite"] - loss_before,
             "loss_before": loss_before,
             "loss_after": loss_after,
             "bisection_evaluations": evals,
             # channels taken out of rank order to land on the goal (see _fill_to_goal)
             "out_of_order_channels": {_group_key(by_id[gid]): sorted(int(c) for g2, c in moved if g2 == gid)
                                       for gid in sorted({gid for gid, _ in moved})},
-            "seconds": {"trace": t_trace, "score": t_score, "select": t_select, "rewrite": t_rewrite},
+            "post_rewrite": post,
+            "seconds": {"trace": t_trace, "score": t_score, "select": t_select, "rewrite": t_rewrite,
+                        "post_rewrite": t_post},
         }
         if finetune is not None:
             t0 = time.perf_counter()
@@ -556,6 +596,9 @@ def compress(
         "scope": scope,
         "steps": steps,
         "target": {measure: target},
+        "post_rewrite": {"compensate": compensate, "damping": damping if compensate else None,
+                         "reestimate_bn": ("calibration batches" if reestimate_bn is True else
+                                           "given batches" if reestimate_bn is not False else False)},
         "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0 if flops0 else None},
         "flops_counter": {"method": method, "fallback_reason": cost0.note or None,
                           "description": COUNTERS[method]},

@@ -8,7 +8,8 @@ import networkx as nx
 import torch
 
 from passes.dependency import CouplingResult, Group, coupled_groups
-from passes.rewrite import rewrite
+from passes.compensate import compensate
+from passes.rewrite import rewrite, tensor_cuts
 from passes.trace import TracedGraph, trace_module
 
 __all__ = ["Graph", "trace"]
@@ -81,6 +82,16 @@ class Graph:
             ValueError: empty removal, unknown or frozen group, bad indices.
         """
         return rewrite(self._traced, self._result, removal, allow_empty=allow_empty)
+
+    def cuts(self, removal: Mapping[int, Iterable[int]]) -> dict[str, dict[int, Any]]:
+        """``{parameter/buffer name: {dim: removed indices}}``: what ``prune(removal)`` slices from each tensor."""
+        return tensor_cuts(self._result, removal)
+
+    def compensate(self, slim: torch.nn.Module, removal: Mapping[int, Iterable[int]], batches,
+                   **kwargs) -> dict[str, Any]:
+        """Refit the kept input weights of every consumer of ``slim = prune(removal)`` in place, by least
+        squares against this graph's (original) layer outputs on ``batches``; see ``passes.compensate``."""
+        return compensate(self._traced.gm, slim, self.cuts(removal), batches, **kwargs)
 
     # -- reporting ---------------------------------------------------------------
     def summary(self, max_rows: int | None = None) -> str:

@@ -37,7 +37,7 @@ from .dependency import CouplingResult
 from .coupling_rules import _tensor_paths as _tensor_paths_of
 from .trace import TracedGraph, _Recorder
 
-__all__ = ["RewriteError", "validate_removal", "rewrite"]
+__all__ = ["RewriteError", "validate_removal", "rewrite", "tensor_cuts"]
 
 
 class RewriteError(RuntimeError):
@@ -118,6 +118,32 @@ def _set_tensor(owner: nn.Module, attr: str, new: torch.Tensor, old: torch.Tenso
         raise RewriteError(f"{attr} of {type(owner).__name__} is neither a parameter nor a buffer")
 
 
+def _cuts(c, removed, new_size) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, int]]:
+    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    virtual: dict[str, int] = {}
+    for sid, s in enumerate(c.slots):
+        if s.kind == "param":
+            r = removed(sid)
+            if r.size:
+                cuts[s.ref][s.dim] = r
+        elif s.kind == "virtual":
+            virtual[s.ref] = new_size(sid)
+    return cuts, virtual
+
+
+def tensor_cuts(result: CouplingResult, removal: Mapping) -> dict[str, dict[int, np.ndarray]]:
+    """``{parameter/buffer name: {dim: removed indices}}``: what ``rewrite`` slices out of each tensor."""
+    req = validate_removal(result, removal, allow_empty=True)
+    c = result.coupling
+    mask = result.removed_positions(req)
+
+    def removed(sid: int) -> np.ndarray:
+        o = c.offsets[sid]
+        return np.nonzero(mask[o : o + c.size(sid)])[0]
+
+    return dict(_cuts(c, removed, lambda sid: 0)[0])
+
+
 def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow_empty: bool = False,
             check: bool = True) -> torch.fx.GraphModule:
     """Return a new GraphModule with ``removal`` applied (see module docstring)."""
@@ -137,15 +163,7 @@ def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow
     modules = dict(gm.named_modules())
 
     # -- 1. tensors: {qualname: {dim: removed indices}} ----------------------
-    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-    virtual: dict[str, int] = {}
-    for sid, s in enumerate(c.slots):
-        if s.kind == "param":
-            r = removed(sid)
-            if r.size:
-                cuts[s.ref][s.dim] = r
-        elif s.kind == "virtual":
-            virtual[s.ref] = new_size(sid)
+    cuts, virtual = _cuts(c, removed, new_size)
 
     done: set[str] = set()
     mha_nodes = [n for n in gm.graph.nodes if c.node_notes.get(n.name, {}).get("replace") == "mha"]

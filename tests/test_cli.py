@@ -220,6 +220,17 @@ def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
 
 
+def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_path):
+    out = tmp_path / "c"
+    assert run_cli("compress", trained, "--data", fmnist_dir, "--target-flops", 0.6, "--criterion", "magnitude",
+                   "--calib-batches", 2, "--calib-batch-size", 16, "--compensate", "--reestimate-bn",
+                   "--out", out) == 0
+    rep = json.loads((out / "report.json").read_text())["compress"]
+    assert rep["post_rewrite"] == {"compensate": True, "damping": 0.01, "reestimate_bn": "calibration batches"}
+    post = rep["step_reports"][0]["post_rewrite"]
+    assert post["compensation"]["layers"] and post["batchnorm"]["layers"] > 0
+
+
 def test_demo_smoke(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert run_cli("demo", "--smoke", "--data", fmnist_dir, "--out", out, "--epochs", 1, "--finetune-epochs", 1,
