@@ -542,14 +542,14 @@ def compress(
         slim = graph.prune(removal)
         t_rewrite = time.perf_counter() - t0
         t0 = time.perf_counter()
-        post = {"loss_after_rewrite": evaluate_loss(slim, batches, loss_fn)}
+        loss_after = evaluate_loss(slim, batches, loss_fn)
+        post = {"loss_after_rewrite": loss_after}
         if compensate:
             post["compensation"] = graph.compensate(slim, removal, batches, damping=damping)
-            post["loss_after_compensation"] = evaluate_loss(slim, batches, loss_fn)
+            post["loss_after_compensation"] = loss_after = evaluate_loss(slim, batches, loss_fn)
         if reestimate_bn is not False:
             post["batchnorm"] = reestimate_batchnorm(slim, batches if reestimate_bn is True else reestimate_bn)
-            post["loss_after_batchnorm"] = evaluate_loss(slim, batches, loss_fn)
-        loss_after = post.get("loss_after_batchnorm", post.get("loss_after_compensation", post["loss_after_rewrite"]))
+            post["loss_after_batchnorm"] = loss_after = evaluate_loss(slim, batches, loss_fn)
         t_post = time.perf_counter() - t0
         by_id = {g.id: g for g in groups}
         step_report = {

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .curvature import split_batch
+from .curvature import CalibrationError, split_batch
 
 __all__ = ["compensate", "DEFAULT_DAMPING"]
 
@@ -141,14 +141,7 @@ def _capture(original: nn.Module, plan, grams):
                 handles.append(parent.register_forward_hook(hook, with_kwargs=True))
             else:
                 def pre_hook(mod, args, _name=name):
-                    cols = _columns(mod, args[0])
-                    g = grams[_name]
-                    if len(g) == 1:
-                        g[0].add(cols)
-                    else:
-                        per = cols.shape[1] // len(g)
-                        for j, gj in enumerate(g):
-                            gj.add(cols[:, j * per:(j + 1) * per])
+                    grams[_name].add(_columns(mod, args[0]))
 
                 handles.append(om.register_forward_pre_hook(pre_hook))
         yield
@@ -158,9 +151,13 @@ def _capture(original: nn.Module, plan, grams):
             h.remove()
 
 
-class _GroupList(list):
-    def add(self, cols):  # a single-group layer's hook target (MHA path)
-        self[0].add(cols)
+class _GroupGrams(list):
+    """One ``_Gram`` per conv group; ``add`` splits the columns (groups side by side) among them."""
+
+    def add(self, cols: torch.Tensor) -> None:
+        per = cols.shape[1] // len(self)
+        for j, gram in enumerate(self):
+            gram.add(cols[:, j * per:(j + 1) * per])
 
 
 def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[int, np.ndarray]],
@@ -193,7 +190,7 @@ def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[
     grams = {}
     for name, (om, sm, groups, _, _) in plan.items():
         dim = om.weight.shape[1] * (int(np.prod(om.weight.shape[2:])) if om.weight.ndim > 2 else 1)
-        grams[name] = _GroupList(_Gram(dim, sm.bias is not None, device) for _ in range(groups))
+        grams[name] = _GroupGrams(_Gram(dim, sm.bias is not None, device) for _ in range(groups))
     modes = [(m, m.training) for m in original.modules()]
     original.eval()
     used = 0
@@ -209,8 +206,6 @@ def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[
         for m, t in modes:
             m.training = t
     if used == 0:
-        from .curvature import CalibrationError
-
         raise CalibrationError("compensation got no calibration batches")
     with torch.no_grad():
         for name, (om, sm, groups, removed_cols, removed_rows) in plan.items():

@@ -118,52 +118,52 @@ def _set_tensor(owner: nn.Module, attr: str, new: torch.Tensor, old: torch.Tenso
         raise RewriteError(f"{attr} of {type(owner).__name__} is neither a parameter nor a buffer")
 
 
-def _cuts(c, removed, new_size) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, int]]:
-    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-    virtual: dict[str, int] = {}
-    for sid, s in enumerate(c.slots):
-        if s.kind == "param":
-            r = removed(sid)
-            if r.size:
-                cuts[s.ref][s.dim] = r
-        elif s.kind == "virtual":
-            virtual[s.ref] = new_size(sid)
-    return cuts, virtual
+class _Cut:
+    """The positions of every slot that a removal deletes (validated), and what that does to each tensor."""
+
+    def __init__(self, result: CouplingResult, removal: Mapping, allow_empty: bool):
+        self.c = result.coupling
+        self.req = validate_removal(result, removal, allow_empty=allow_empty)
+        self.mask = result.removed_positions(self.req)
+
+    def removed(self, sid: int) -> np.ndarray:
+        o = self.c.offsets[sid]
+        return np.nonzero(self.mask[o : o + self.c.size(sid)])[0]
+
+    def new_size(self, sid: int) -> int:
+        o = self.c.offsets[sid]
+        return int(self.c.size(sid) - self.mask[o : o + self.c.size(sid)].sum())
+
+    def tensors(self) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, int]]:
+        """({qualname: {dim: removed indices}}, {virtual slot: new size})."""
+        cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        virtual: dict[str, int] = {}
+        for sid, s in enumerate(self.c.slots):
+            if s.kind == "param":
+                r = self.removed(sid)
+                if r.size:
+                    cuts[s.ref][s.dim] = r
+            elif s.kind == "virtual":
+                virtual[s.ref] = self.new_size(sid)
+        return cuts, virtual
 
 
 def tensor_cuts(result: CouplingResult, removal: Mapping) -> dict[str, dict[int, np.ndarray]]:
     """``{parameter/buffer name: {dim: removed indices}}``: what ``rewrite`` slices out of each tensor."""
-    req = validate_removal(result, removal, allow_empty=True)
-    c = result.coupling
-    mask = result.removed_positions(req)
-
-    def removed(sid: int) -> np.ndarray:
-        o = c.offsets[sid]
-        return np.nonzero(mask[o : o + c.size(sid)])[0]
-
-    return dict(_cuts(c, removed, lambda sid: 0)[0])
+    return dict(_Cut(result, removal, allow_empty=True).tensors()[0])
 
 
 def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow_empty: bool = False,
             check: bool = True) -> torch.fx.GraphModule:
     """Return a new GraphModule with ``removal`` applied (see module docstring)."""
-    req = validate_removal(result, removal, allow_empty=allow_empty)
-    c = result.coupling
-    mask = result.removed_positions(req)
-
-    def removed(sid: int) -> np.ndarray:
-        o = c.offsets[sid]
-        return np.nonzero(mask[o : o + c.size(sid)])[0]
-
-    def new_size(sid: int) -> int:
-        o = c.offsets[sid]
-        return int(c.size(sid) - mask[o : o + c.size(sid)].sum())
+    cut = _Cut(result, removal, allow_empty)
+    req, c, removed, new_size = cut.req, cut.c, cut.removed, cut.new_size
 
     gm = copy.deepcopy(traced.gm)
     modules = dict(gm.named_modules())
 
     # -- 1. tensors: {qualname: {dim: removed indices}} ----------------------
-    cuts, virtual = _cuts(c, removed, new_size)
+    cuts, virtual = cut.tensors()
 
     done: set[str] = set()
     mha_nodes = [n for n in gm.graph.nodes if c.node_notes.get(n.name, {}).get("replace") == "mha"]
