@@ -32,6 +32,8 @@ from common import command_line, save
 import oba_fx  # noqa: E402
 
 CRITERIA = ["oba", "oba-network", "group-exact", "taylor", "obd", "magnitude", "random"]
+#: A criterion name ending in this runs with ``compensate=True`` (least-squares refit of the consumers).
+COMP = "+compensate"
 
 
 @functools.lru_cache(maxsize=4)
@@ -59,10 +61,15 @@ def run_one(model, spec, calib_seed, target, criterion, steps, args, test):
         def ft(m, step):  # noqa: F811
             if step == steps:
                 oba_fx.finetune(m, train, epochs=args.finetune_epochs, lr=args.lr, teacher=model, progress=False)
+    criterion, comp = (criterion[:-len(COMP)], True) if criterion.endswith(COMP) else (criterion, False)
     criterion, _, normalize = criterion.partition(":")
     kw = {"probes": 8} if criterion == "group-exact" else {}
     if normalize:
         kw["normalize"] = normalize
+    if comp:
+        kw["compensate"] = True
+    if args.reestimate_bn:
+        kw["reestimate_bn"] = True
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,6 +87,10 @@ def main():
     ap.add_argument("--criteria", nargs="+", default=CRITERIA)
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3, 0.14])
     ap.add_argument("--modes", nargs="+", default=["one-shot", "iterative"], choices=["one-shot", "iterative"])
+    ap.add_argument("--label", help="record the runs under this mode name instead of one-shot/iterative (a second "
+                                    "budget regime, e.g. full-budget, kept apart from the cheap columns)")
+    ap.add_argument("--reestimate-bn", action="store_true",
+                    help="re-estimate BatchNorm statistics on the calibration batches after each rewrite")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--finetune-samples", type=int, default=10000)
@@ -138,16 +149,18 @@ def main():
                 accs, rs = [], []
                 for seed in args.seeds:
                     r = run_one(model, ds, seed, target, crit, steps, args, ds_test)
-                    r.update(dataset=ds_name, model=name, criterion=crit, mode=mode, target_flops=target, seed=seed)
+                    r.update(dataset=ds_name, model=name, criterion=crit, mode=args.label or mode, target_flops=target,
+                             seed=seed)
                     raw.append(r)
                     accs.append(r["accuracy"])
                     rs.append(r)
-                key = (ds_name, name, crit, mode, target)
+                key = (ds_name, name, crit, args.label or mode, target)
                 rows = [x for x in rows if (x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"])
                         != key]
                 raw = [x for x in raw if (x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"])
                        != key or x in rs]
-                row = {"dataset": ds_name, "model": name, "criterion": crit, "mode": mode, "target_flops": target,
+                row = {"dataset": ds_name, "model": name, "criterion": crit, "mode": args.label or mode,
+                       "target_flops": target,
                        "accuracy_mean": statistics.mean(accs),
                        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                        "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rs),
@@ -163,7 +176,7 @@ def main():
 def _budget(args):
     return {"finetune_epochs": args.finetune_epochs, "finetune_samples": args.finetune_samples,
             "calib_batches": args.calib_batches, "calib_batch_size": args.calib_batch_size,
-            "test_samples": args.test_samples}
+            "test_samples": args.test_samples, "reestimate_bn": bool(getattr(args, "reestimate_bn", False))}
 
 
 def _key(x):
@@ -240,9 +253,9 @@ def smoke():
     torch.manual_seed(0)
     model = models_zoo.create("resnet20", in_channels=1).eval()
     args = argparse.Namespace(calib_batches=1, calib_batch_size=8, finetune_epochs=1, finetune_samples=16, lr=0.01,
-                              data=None)
+                              data=None, reestimate_bn=True)
     test = spec.calibration(1, 16, 999)
-    for crit, steps in (("oba", 1), ("random", 2)):
+    for crit, steps in (("oba", 1), ("random", 2), ("magnitude" + COMP, 1)):
         r = run_one(model, spec, 0, 0.5, crit, steps, args, test)
         assert abs(r["flops_ratio"] - 0.5) < 0.02, r
     print("smoke ok")

@@ -14,8 +14,18 @@ by this project, see ``models_zoo.trained``):
 2. Joint removal.  One-shot ``compress`` to 80/60/40% FLOPs without fine-tuning;
    held-out accuracy and loss per criterion, plus an ablation oracle that ranks
    by the measured single-channel ΔL (small models only).
+3. One-shot removal three ways (``--oneshot``).  For each calibration seed
+   (``--seeds``: the calibration sample), criterion (``oba-joint`` included) and
+   target (80/60%), one ``compress`` selects the removal; the same removal is
+   then evaluated on the held-out images plain (sliced weights and statistics),
+   with BatchNorm statistics re-estimated on the calibration batches, and with
+   least-squares compensation of every consumer followed by the re-estimation
+   (``Graph.compensate``, ``oba_fx.reestimate_batchnorm``).  Written into each
+   model's ``oneshot`` entry of results/fidelity.json (the single-channel
+   results are kept).
 
     python benchmarks/fidelity.py [--models resnet20 vgg_small] [--smoke]
+    python benchmarks/fidelity.py --oneshot --models resnet20 vgg_small vit_small --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -165,6 +175,157 @@ def joint(model, calib, held, criteria, targets, oracle, example, progress=True)
     return rows
 
 
+ONESHOT_CRITERIA = ["magnitude", "taylor", "oba", "group-exact", "oba-joint"]
+WAYS = ("plain", "batchnorm", "batchnorm+compensation")
+
+
+def _removal_of(graph, report):
+    """The compress report's removal as {group id of ``graph``: channels} (groups matched by their key)."""
+    from oba_fx.compress import _group_key
+
+    (step,) = report["step_reports"]
+    keys = {_group_key(g): g.id for g in graph.prunable_groups}
+    return {keys[k]: list(cs) for k, cs in step["removed_channels"].items()}
+
+
+class _Memo:
+    """Scores depend on the calibration sample, not on the target: the benchmark scores each (seed, criterion)
+    once and reuses it for every target (compress itself re-scores every call). Group ids are stable across
+    re-traces of one model."""
+
+    def __init__(self):
+        import oba_fx.scoring  # noqa: F401  (the module, not the re-exported functions)
+
+        self.mod = sys.modules["oba_fx.compress"]
+        self.orig = {k: getattr(self.mod, k) for k in ("_group_exact_parts", "group_scores")}
+        self.cache = {}
+        self.key = None
+
+    def __enter__(self):
+        def parts(*a, **k):
+            return self._get(("parts",), self.orig["_group_exact_parts"], a, k)
+
+        def scores(graph, batches, criterion, *a, **k):
+            return self._get(("scores", criterion), self.orig["group_scores"], (graph, batches, criterion) + a, k)
+
+        self.mod._group_exact_parts, self.mod.group_scores = parts, scores
+        return self
+
+    def _get(self, what, fn, a, k):
+        key = (self.key,) + what
+        if key not in self.cache:
+            self.cache[key] = fn(*a, **k)
+        return self.cache[key]
+
+    def __exit__(self, *exc):
+        for k, v in self.orig.items():
+            setattr(self.mod, k, v)
+
+
+def _t95(n):
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, progress=True):
+    """Rows (seed, criterion, target) with the held-out accuracy/loss of one removal evaluated three ways."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = oba_fx.trace(model, example)
+    base = _loss_on(model, held)
+    rows = []
+    with _Memo() as memo:
+        for seed in seeds:
+            calib = calib_for(seed)
+            for crit in criteria:
+                memo.key = (name, seed, crit)
+                for t in targets:
+                    t0 = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        res = oba_fx.compress(model, example, calib, target_flops=t, criterion=crit,
+                                              progress=False)
+                    t_compress = time.perf_counter() - t0
+                    removal = _removal_of(graph, res.report)
+                    step = res.report["step_reports"][0]
+                    ways = {}
+                    for way in WAYS:
+                        slim = graph.prune(removal)
+                        if way == "plain":  # the same model compress returned
+                            with torch.no_grad():
+                                x = held[0][0][:64]
+                                assert torch.allclose(slim(x), res.model(x), atol=1e-4, rtol=1e-4)
+                        info = {}
+                        if way.endswith("compensation"):
+                            info["compensation"] = graph.compensate(slim, removal, calib)
+                        if way != "plain":
+                            info["batchnorm"] = oba_fx.reestimate_batchnorm(slim, calib)
+                        ev = _loss_on(slim, held)
+                        ways[way] = {"accuracy": ev["accuracy"], "loss": ev["loss"]}
+                        if way == "batchnorm+compensation":
+                            ways[way]["compensated_layers"] = len(info["compensation"].get("layers", []))
+                    row = {"seed": seed, "criterion": crit, "target_flops": t,
+                           "flops_ratio": res.report["flops"]["ratio"], "seconds_compress": t_compress,
+                           "predicted_delta_loss_calibration": step["predicted_delta_loss"],
+                           "measured_delta_loss_calibration": step["measured_delta_loss_rewrite"],
+                           "ways": ways}
+                    if "joint" in step:
+                        j = step["joint"]
+                        row["joint"] = {k: j[k] for k in ("start", "starts", "predicted_start", "predicted",
+                                                          "hvps", "swapped_channels")}
+                        row["joint"]["accepted_rounds"] = sum(r["accepted"] for r in j["rounds"])
+                    rows.append(row)
+                    if progress:
+                        print(f"  seed {seed} {crit:>11} @ {t:.0%}: " + ", ".join(
+                            f"{w} {100 * v['accuracy']:.1f}%" for w, v in ways.items())
+                            + f" ({t_compress:.0f} s)", flush=True)
+    return {"original": {"accuracy": base["accuracy"], "loss": base["loss"]}, "seeds": list(seeds),
+            "targets": list(targets), "criteria": list(criteria), "ways": list(WAYS), "rows": rows,
+            "t95": {str(n): _t95(n) for n in range(2, len(seeds) + 1)}}
+
+
+def main_oneshot(args):
+    import json
+
+    from common import RESULTS, machine
+
+    make, _, held = _data(args)
+    out = {}
+    for name in args.models:
+        print(f"== {name} (one-shot, three ways)", flush=True)
+        model = make(name)
+        if args.smoke:
+            def calib_for(seed, _g=torch.Generator()):
+                _g.manual_seed(seed)
+                return [(torch.randn(4, 1, 28, 28, generator=_g), torch.randint(0, 10, (4,), generator=_g))
+                        for _ in range(2)]
+        else:
+            spec = oba_fx.get_dataset("fashion-mnist", args.data)
+
+            def calib_for(seed, _s=spec):
+                return _s.calibration(args.calib_batches, args.calib_batch_size, seed=seed)
+        example = held[0][0][:2]
+        out[name] = oneshot(name, model, example, calib_for, held, args.criteria, args.targets, args.seeds,
+                            progress=not args.smoke)
+    if args.smoke:
+        assert all(len(v["rows"]) == len(args.criteria) * len(args.targets) * len(args.seeds) for v in out.values())
+        print("smoke ok")
+        return
+    path = RESULTS / "fidelity.json"
+    old = json.loads(path.read_text())
+    by = {m["model"]: m for m in old["models"]}
+    for name, v in out.items():
+        if name not in by:
+            raise SystemExit(f"results/fidelity.json has no single-channel entry for {name}: run the single-channel "
+                             "part first")
+        by[name]["oneshot"] = dict(v, command=command_line(), machine=machine(), heldout_samples=args.heldout,
+                                   calibration={"batches": args.calib_batches, "batch_size": args.calib_batch_size})
+    old.pop("benchmark", None)  # save() writes it; the file's machine and commands stay those of the single part
+    old["commands"] = [c for c in old.get("commands", []) if "--oneshot" not in c] + [command_line()]
+    print("wrote", save("fidelity", old))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet20", "vgg_small", "vit_small"])
@@ -181,7 +342,21 @@ def main():
     ap.add_argument("--merge", action="store_true",
                     help="keep the models in results/fidelity.json that this run does not measure")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run: random weights and data; writes nothing")
+    ap.add_argument("--oneshot", action="store_true",
+                    help="only the one-shot removal three ways (plain, BatchNorm re-estimated, compensated), over "
+                         "--seeds; merged into results/fidelity.json")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds for --oneshot")
     args = ap.parse_args()
+    if args.oneshot:
+        if args.criteria == CRITERIA:
+            args.criteria = ONESHOT_CRITERIA
+        if args.targets == [0.8, 0.6, 0.4]:
+            args.targets = [0.8, 0.6]
+        if args.smoke:
+            args.models, args.criteria, args.targets, args.seeds = ["resnet20"], ["magnitude", "oba-joint"], [0.7], \
+                [0, 1]
+        torch.manual_seed(args.seed)
+        return main_oneshot(args)
     if args.smoke:
         args.models, args.criteria, args.max_channels, args.targets = ["resnet20"], ["oba", "group-exact", "taylor",
                                                                                    "magnitude"], 12, [0.8]

@@ -98,6 +98,93 @@ def fidelity(d: dict) -> list[str]:
                 cells.append(f"{100 * r['accuracy']:.2f}% / {r['loss']:.3f}" if r else "")
             out.append(f"| {c} | " + " | ".join(cells) + " |")
         out.append("")
+        if m.get("oneshot"):
+            out += oneshot(m["model"], m["oneshot"])
+    return out
+
+
+ONESHOT_BASELINE = ("magnitude", "batchnorm")
+
+
+def _mean_ci(vals, t95):
+    import statistics
+
+    n = len(vals)
+    mean = statistics.mean(vals)
+    half = t95[str(n)] * statistics.stdev(vals) / n ** 0.5 if n > 1 else float("nan")
+    return mean, half
+
+
+def oneshot_stats(o: dict) -> dict:
+    """Per (target, criterion, way): accuracy mean and 95% half-width over seeds, and the difference from the
+    baseline (magnitude with BatchNorm re-estimation) paired by seed, with its half-width."""
+    acc = {(r["target_flops"], r["criterion"], w, r["seed"]): v["accuracy"] for r in o["rows"]
+           for w, v in r["ways"].items()}
+    out = {}
+    for t in o["targets"]:
+        for c in o["criteria"]:
+            for w in o["ways"]:
+                seeds = [sd for sd in o["seeds"] if (t, c, w, sd) in acc]
+                if not seeds:
+                    continue
+                mean, half = _mean_ci([acc[t, c, w, sd] for sd in seeds], o["t95"])
+                paired = [acc[t, c, w, sd] - acc[(t,) + ONESHOT_BASELINE + (sd,)] for sd in seeds
+                          if (t,) + ONESHOT_BASELINE + (sd,) in acc]
+                d_mean, d_half = _mean_ci(paired, o["t95"]) if paired else (float("nan"), float("nan"))
+                out[t, c, w] = {"mean": mean, "half": half, "n": len(seeds), "diff": d_mean, "diff_half": d_half,
+                                "significant": bool(abs(d_mean) > d_half) if d_half == d_half else False}
+    return out
+
+
+def oneshot(name: str, o: dict) -> list[str]:
+    st = oneshot_stats(o)
+    a0 = o["original"]["accuracy"]
+    n = len(o["seeds"])
+    out = [f"One-shot removal evaluated three ways, {n} calibration seeds ({o['calibration']['batches']} × "
+           f"{o['calibration']['batch_size']} images each), held-out accuracy on {o['heldout_samples']} test images "
+           f"(original {100 * a0:.2f}%): mean ± 95% t-interval over seeds; Δ is the difference from magnitude with "
+           "BatchNorm re-estimation paired by seed (**bold**: its 95% interval excludes 0). Machine: "
+           f"{_machine(o['machine'])}. Command: `{o['command']}`.", "",
+           "| criterion | evaluated | " + " | ".join(f"{t:.0%} FLOPs | Δ" for t in o["targets"]) + " |",
+           "|---|---|" + "---:|---:|" * len(o["targets"])]
+    for c in o["criteria"]:
+        for w in o["ways"]:
+            cells = []
+            for t in o["targets"]:
+                s_ = st.get((t, c, w))
+                if s_ is None:
+                    cells += ["", ""]
+                    continue
+                diff = "" if (c, w) == ONESHOT_BASELINE else f"{100 * s_['diff']:+.1f} ± {100 * s_['diff_half']:.1f}"
+                cells += [f"{100 * s_['mean']:.1f} ± {100 * s_['half']:.1f}",
+                          f"**{diff}**" if diff and s_["significant"] else diff]
+            out.append(f"| {c} | {w} | " + " | ".join(cells) + " |")
+    out.append("")
+    for t in o["targets"]:
+        base = st.get((t,) + ONESHOT_BASELINE)
+        if not base:
+            continue
+        best_key = max((k for k in st if k[0] == t), key=lambda k: st[k]["mean"])
+        best = st[best_key]
+        gap = a0 - base["mean"]
+        closed = (best["mean"] - base["mean"]) / gap if gap > 0 else float("nan")
+        out.append(f"- {t:.0%} FLOPs: the baseline (magnitude, BatchNorm re-estimated) is {100 * base['mean']:.1f}%, "
+                   f"{100 * gap:.1f} points below the original; the best variant, {best_key[1]} "
+                   f"({best_key[2]}), reaches {100 * best['mean']:.1f}% and closes {100 * closed:.0f}% of that gap "
+                   f"(Δ {100 * best['diff']:+.1f} ± {100 * best['diff_half']:.1f}).")
+    joint = [r["joint"] for r in o["rows"] if r.get("joint")]
+    if joint:
+        starts = {}
+        for j in joint:
+            starts[j["start"]] = starts.get(j["start"], 0) + 1
+        pr = [(r["predicted_delta_loss_calibration"], r["measured_delta_loss_calibration"]) for r in o["rows"]
+              if r.get("joint")]
+        out.append(f"- oba-joint: start taken from " + ", ".join(f"{k} {v}×" for k, v in starts.items())
+                   + f"; {sum(j['swapped_channels'] for j in joint) / len(joint):.0f} channels swapped and "
+                   f"{sum(j['accepted_rounds'] for j in joint) / len(joint):.1f} rounds accepted on average; "
+                   "predicted vs measured joint ΔL on the calibration data (plain removal): "
+                   + ", ".join(f"{p:.2f}/{m_:.2f}" for p, m_ in pr) + ".")
+    out.append("")
     return out
 
 

@@ -25,7 +25,7 @@ from .export import OnnxMismatch, export_onnx, load, save
 from .finetune import finetune
 from .graph import Graph, trace
 from .latency import measure_latency
-from .compress import DEFAULT_CRITERION, DEFAULT_NORMALIZE
+from .compress import COMPRESS_CRITERIA, DEFAULT_CRITERION, DEFAULT_NORMALIZE
 from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
 from .train import CheckpointError, evaluate, load_checkpoint, train
 from .unstructured import compress_unstructured, make_permanent, sparsity_report
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "Graph", "Group", "Member", "count", "compress", "CompressResult", "evaluate_loss",
-    "DEFAULT_CRITERION", "DEFAULT_NORMALIZE",
+    "DEFAULT_CRITERION", "DEFAULT_NORMALIZE", "COMPRESS_CRITERIA",
     "parameter_scores", "group_scores", "group_exact_scores", "rank_scores", "CRITERIA",
     "hessian_blocks", "HessianBlocks", "check_blocks",
     "finetune", "compress_unstructured", "make_permanent", "sparsity_report",

@@ -284,8 +284,8 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
 
     _fraction(target_flops, "--target-flops")
     criterion = criterion or oba_fx.DEFAULT_CRITERION
-    if criterion not in oba_fx.CRITERIA:
-        raise UserError(f"unknown criterion '{criterion}'; choose from {', '.join(oba_fx.CRITERIA)}")
+    if criterion not in oba_fx.COMPRESS_CRITERIA:
+        raise UserError(f"unknown criterion '{criterion}'; choose from {', '.join(oba_fx.COMPRESS_CRITERIA)}")
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if micro_batch is not None and micro_batch < 1:
@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="resnet20")
     d.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
     d.add_argument("--target-flops", type=float, default=0.4, help="fraction of FLOPs to keep (default 0.4)")
-    d.add_argument("--criterion", default="oba", choices=list(oba_fx.CRITERIA),
+    d.add_argument("--criterion", default="oba", choices=list(oba_fx.COMPRESS_CRITERIA),
                    help="default oba: the demo shows the paper's criterion (`compress` defaults to "
                         f"{oba_fx.DEFAULT_CRITERION}, the accuracy benchmark's choice)")
     d.add_argument("--steps", type=int, default=1)
@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(c, dataset_default=None)
     c.add_argument("--target-flops", type=float, default=0.5, help="fraction of FLOPs to keep, in (0, 1]")
     c.add_argument("--criterion", default=oba_fx.DEFAULT_CRITERION,
-                   help=f"one of {', '.join(oba_fx.CRITERIA)} (default {oba_fx.DEFAULT_CRITERION}, chosen from the "
+                   help=f"one of {', '.join(oba_fx.COMPRESS_CRITERIA)} (default {oba_fx.DEFAULT_CRITERION}, chosen from the "
                         "accuracy benchmark)")
     c.add_argument("--steps", type=int, default=1, help="iterative steps, re-scoring after each (default 1)")
     c.add_argument("--scope", choices=("global", "local"), default="global")

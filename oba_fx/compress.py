@@ -37,9 +37,17 @@ from passes.trace import TracedGraph
 
 from .counting import COUNTERS, _to_meta, example_args, forward_cost
 from .graph import Graph, trace
-from .scoring import CRITERIA, group_scores, rank_scores
+from .joint import JOINT_ROUNDS, JointModel
+from .joint import select as select_joint
+from .scoring import CRITERIA, _group_exact_parts, group_scores, rank_scores
 
-__all__ = ["compress", "CompressResult", "evaluate_loss", "DEFAULT_CRITERION", "DEFAULT_NORMALIZE"]
+__all__ = ["compress", "CompressResult", "evaluate_loss", "DEFAULT_CRITERION", "DEFAULT_NORMALIZE", "SELECTIONS",
+           "COMPRESS_CRITERIA"]
+
+#: Criteria that select the removal set as a whole (``oba_fx.joint``) rather than rank channels one by one.
+SELECTIONS = ("oba-joint",)
+#: What ``compress(criterion=...)`` accepts by name.
+COMPRESS_CRITERIA = CRITERIA + SELECTIONS
 
 #: The defaults of ``compress`` and the CLI, chosen from benchmarks/results/accuracy.json by the rule in
 #: ``benchmarks/report.py:recommend`` (tests/test_benchmarks.py checks they agree with the recorded data).
@@ -171,6 +179,10 @@ def _candidate_cost(traced: TracedGraph, result, removal, measure: str, method: 
 def _group_key(g) -> str:
     """Identity of a group across re-traces: its first producer/head/norm slice."""
     return g.label.split(" (")[0]
+
+
+def _removal_key(removal) -> frozenset:
+    return frozenset((gid, int(c)) for gid, cs in removal.items() for c in cs)
 
 
 def _removal_from_order(units, counts_cap, sizes, round_to):
@@ -350,6 +362,7 @@ def compress(
     reestimate_bn: bool | Iterable = False,
     compensate: bool = False,
     damping: float = DEFAULT_DAMPING,
+    joint_rounds: int = JOINT_ROUNDS,
 ) -> CompressResult:
     """Structured pruning to a FLOPs (or parameter) target.
 
@@ -361,7 +374,10 @@ def compress(
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameters to keep (instead of FLOPs).
         criterion: a name from ``oba_fx.CRITERIA`` (default ``DEFAULT_CRITERION``, the
-            accuracy benchmark's choice by the rule in BENCHMARKS.md), or a callable
+            accuracy benchmark's choice by the rule in BENCHMARKS.md); ``"oba-joint"``,
+            which selects the removal set as a whole by its exact second-order loss
+            change (``oba_fx.joint``: the better of the group-exact and magnitude
+            fills, then ``joint_rounds`` swap rounds of one HVP each); or a callable
             ``criterion(graph, batches) -> {group id: per-channel scores}`` (signed
             predicted loss changes, ranked like the built-in ones).
         loss_fn: batch-mean loss ``loss_fn(outputs, targets)``; default cross-entropy.
@@ -396,6 +412,7 @@ def compress(
             BatchNorm re-estimation.
         damping: the compensation's λ, relative to the mean diagonal of each kept
             input Gram matrix.
+        joint_rounds: swap rounds of ``oba-joint`` (one Hessian-vector product each).
 
     Returns:
         CompressResult with ``.model`` and ``.report``.
@@ -417,9 +434,14 @@ def compress(
     target = float(target)
     if not (0 < target <= 1) or math.isnan(target):
         raise ValueError(f"target_{measure}={target} must be a fraction of the original in (0, 1], e.g. 0.5")
-    if not callable(criterion) and criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion '{criterion}'; choose from {', '.join(CRITERIA)}, or pass a callable "
-                         "criterion(graph, batches) -> {group id: per-channel predicted loss change}")
+    if not callable(criterion) and criterion not in COMPRESS_CRITERIA:
+        raise ValueError(f"unknown criterion '{criterion}'; choose from {', '.join(COMPRESS_CRITERIA)}, or pass a "
+                         "callable criterion(graph, batches) -> {group id: per-channel predicted loss change}")
+    if criterion in SELECTIONS and scope != "global":
+        raise ValueError(f"criterion '{criterion}' selects the removal set over all groups at once; use "
+                         "scope='global' (or a per-channel criterion with scope='local')")
+    if not isinstance(joint_rounds, int) or isinstance(joint_rounds, bool) or joint_rounds < 0:
+        raise ValueError(f"joint_rounds must be an int >= 0, got {joint_rounds!r}")
     if scope not in ("global", "local"):
         raise ValueError(f"scope must be 'global' or 'local', got {scope!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -496,6 +518,11 @@ def compress(
             if bad:
                 raise ValueError(f"criterion callable must return one score per channel for every prunable group; "
                                  f"missing or mis-shaped for group ids {bad[:8]}")
+        elif criterion == "oba-joint":
+            # group-exact's two parts: its ranking is one start, its self terms enter the marginal costs
+            first, self_terms, _ = _group_exact_parts(graph, batches, loss_fn, "auto", probes, seed + step,
+                                                      progress)
+            scores = {gid: first[gid] + 0.5 * self_terms[gid] for gid in first}
         else:
             scores = group_scores(graph, batches, criterion, loss_fn, probes=probes, seed=seed + step,
                                   progress=progress, micro_batch=micro_batch, checkpoint=checkpoint)
@@ -503,40 +530,57 @@ def compress(
         importance = rank_scores(scores, signed=signed, normalize=normalize)
         t0 = time.perf_counter()
         sizes = {g.id: g.size for g in groups}
-        if scope == "global":
-            order = sorted(((float(v), gid, ch) for gid, vec in importance.items() for ch, v in enumerate(vec.tolist())),
-                           key=lambda t: (t[0], t[1], t[2]))
-            order = [(gid, ch) for _, gid, ch in order if caps[gid] > 0]
 
-            def removal_at(seq):
-                return _removal_from_order(seq, caps, sizes, round_to)
-
-        else:
+        def ranked(values):
+            if scope == "global":
+                keyed = sorted((float(v), gid, ch) for gid, vec in values.items() for ch, v in enumerate(vec.tolist()))
+                return [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
             # local: every group loses the same fraction; channels are ordered by their fractional rank
             # within their group ((r + 1) / size), so the bisection moves one channel at a time and the
             # per-group fractions never differ by more than one channel
             keyed = []
-            for gid, vec in importance.items():
+            for gid, vec in values.items():
                 for r, ch in enumerate(torch.argsort(vec, stable=True).tolist()):
                     keyed.append(((r + 1) / sizes[gid], gid, int(ch)))
             keyed.sort()
-            order = [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
+            return [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
 
-            def removal_at(seq):
-                return _removal_from_order(seq, caps, sizes, round_to)
+        def removal_at(seq):
+            return _removal_from_order(seq, caps, sizes, round_to)
 
-        # the shortest ranked prefix whose rewrite meets the goal, refined when its last unit is coarse
-        removal, evals, moved = _fill_to_goal(
-            order, lambda seq: _candidate_cost(counted, graph._result, removal_at(seq), measure, method),
-            goal, tol=FILL_TOLERANCE * base, on_unreachable=lambda c: ValueError(
-                f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove "
-                f"leaves {c / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}\n"
-                f"{_unreachable_fix(graph, c / base)}"))
-        removal = removal_at(removal)
+        fills = {"evaluations": 0, "moved": {}}
+
+        def fill(seq):
+            # the shortest ranked prefix whose rewrite meets the goal, refined when its last unit is coarse
+            units, evals, moved = _fill_to_goal(
+                seq, lambda sub: _candidate_cost(counted, graph._result, removal_at(sub), measure, method),
+                goal, tol=FILL_TOLERANCE * base, on_unreachable=lambda c: ValueError(
+                    f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove "
+                    f"leaves {c / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}\n"
+                    f"{_unreachable_fix(graph, c / base)}"))
+            out = removal_at(units)
+            fills["evaluations"] += evals
+            fills["moved"][_removal_key(out)] = moved
+            return out
+
+        joint_report = None
+        if criterion == "oba-joint":
+            model_q = JointModel(graph, batches, self_terms, loss_fn, micro_batch=micro_batch, checkpoint=checkpoint)
+            starts = {"group-exact": ranked(importance),
+                      "magnitude": ranked(group_scores(graph, batches, "magnitude", progress=False))}
+            removal, joint_report = select_joint(model_q, starts, fill, rounds=joint_rounds, progress=progress)
+        else:
+            removal = fill(ranked(importance))
+        evals, moved = fills["evaluations"], fills["moved"][_removal_key(removal)]
         t_select = time.perf_counter() - t0
-        # magnitude and random scores are not loss changes: no prediction to report for them
-        predicted = None if criterion in ("magnitude", "random") else \
-            float(sum(scores[gid][torch.as_tensor(ch)].sum() for gid, ch in removal.items()))
+        # magnitude and random scores are not loss changes: no prediction to report for them; oba-joint
+        # predicts the removal set's loss change as a whole
+        if joint_report is not None:
+            predicted = joint_report["predicted"]
+        elif criterion in ("magnitude", "random"):
+            predicted = None
+        else:
+            predicted = float(sum(scores[gid][torch.as_tensor(ch)].sum() for gid, ch in removal.items()))
         t0 = time.perf_counter()
         loss_before = evaluate_loss(graph.gm, batches, loss_fn)
         slim = graph.prune(removal)
@@ -572,6 +616,7 @@ def compress(
             "out_of_order_channels": {_group_key(by_id[gid]): sorted(int(c) for g2, c in moved if g2 == gid)
                                       for gid in sorted({gid for gid, _ in moved})},
             "post_rewrite": post,
+            **({"joint": joint_report} if joint_report is not None else {}),
             "seconds": {"trace": t_trace, "score": t_score, "select": t_select, "rewrite": t_rewrite,
                         "post_rewrite": t_post},
         }

@@ -379,7 +379,6 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
     """
     if method not in ("auto", "vmap", "probes"):
         raise ValueError(f"method must be 'auto', 'vmap' or 'probes', got {method!r}")
-    model = graph.gm
     groups = graph.prunable_groups
     if method == "auto":
         method = "vmap" if sum(g.size for g in groups) <= 4096 else "probes"
@@ -393,6 +392,19 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
             bad = [c for c in cs if not 0 <= int(c) < sizes[gid]]
             if bad:
                 raise ValueError(f"channels=: group {gid} has {sizes[gid]} channels, got indices {bad[:5]}")
+    first, quad, q_err = _group_exact_parts(graph, calibration, loss_fn, method, probes, seed, progress, channels)
+    scores = {g.id: first[g.id] + 0.5 * quad[g.id] for g in graph.prunable_groups}
+    if q_err is None:
+        return scores, None
+    return scores, {gid: 0.5 * e for gid, e in q_err.items()}
+
+
+def _group_exact_parts(graph, calibration, loss_fn, method, probes, seed, progress, channels=None):
+    """(g_Sδ_S, δ_SᵀH_SSδ_S, standard error of the latter or None) per channel S of every prunable group."""
+    model = graph.gm
+    groups = graph.prunable_groups
+    if method == "auto":
+        method = "vmap" if sum(g.size for g in groups) <= 4096 else "probes"
     calibration = _reiterable(calibration)
     named = dict(model.named_parameters())
     names = [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
@@ -408,8 +420,7 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
             s += cm.reduce(gd[n].cpu(), g.size)
         first[g.id] = s
     if method == "vmap":
-        quad = _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, channels=channels)
-        return {g.id: first[g.id] + 0.5 * quad[g.id] for g in groups}, None
+        return first, _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, channels=channels), None
     gen = torch.Generator().manual_seed(seed)
     sums = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
     sq = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in groups}
@@ -428,13 +439,13 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
             est = est * signs[g.id]
             sums[g.id] += est
             sq[g.id] += est**2
-    scores, stderr = {}, {}
+    quad, err = {}, {}
     for g in groups:
         mean = sums[g.id] / probes
         var = (sq[g.id] / probes - mean**2).clamp_min(0) * probes / max(probes - 1, 1)
-        scores[g.id] = first[g.id] + 0.5 * mean
-        stderr[g.id] = 0.5 * (var / probes).sqrt()
-    return scores, stderr
+        quad[g.id] = mean
+        err[g.id] = (var / probes).sqrt()
+    return first, quad, err
 
 
 def _quad_vmap(model, calibration, groups, maps, delta, loss_fn, progress, chunk: int = 8, channels=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "speedup.py"]
+SCRIPTS = ["fidelity.py", "fidelity.py --oneshot", "accuracy.py", "cost.py", "speedup.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -17,7 +17,7 @@ def test_benchmark_smoke(script, tmp_path):
     results = ROOT / "benchmarks" / "results"
     before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
     env = dict(os.environ, PYTHONPATH=str(ROOT), OBA_FX_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, script, "--smoke"], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+    r = subprocess.run([sys.executable, *script.split(), "--smoke"], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "smoke ok" in r.stdout
@@ -171,3 +171,27 @@ def test_accuracy_table_bolds_complete_columns_and_states_the_iterative_budget()
     assert "prune in 5 steps" in text and "fine-tune once after the last step" in text
     d["iterative_steps"] = 1  # one epoch divides into one step
     assert "equal share of the epochs" in "\n".join(_report_module().accuracy(d))
+
+
+def test_oneshot_statistics_by_hand():
+    """Mean, 95% t-interval and the paired difference from the baseline, against a hand computation."""
+    rep = _report_module()
+    acc = {("magnitude", "batchnorm"): [0.80, 0.84, 0.82], ("oba-joint", "batchnorm"): [0.83, 0.86, 0.86],
+           ("oba-joint", "plain"): [0.10, 0.90, 0.50]}
+    rows = []
+    for sd in range(3):
+        for crit in ("magnitude", "oba-joint"):
+            ways = {w: {"accuracy": acc[crit, w][sd]} for c, w in acc if c == crit}
+            rows.append({"seed": sd, "criterion": crit, "target_flops": 0.6, "ways": ways})
+    o = {"rows": rows, "targets": [0.6], "criteria": ["magnitude", "oba-joint"], "ways": ["plain", "batchnorm"],
+         "seeds": [0, 1, 2], "t95": {"2": 12.706, "3": 4.303}}
+    st = rep.oneshot_stats(o)
+    b = st[0.6, "magnitude", "batchnorm"]
+    assert b["mean"] == pytest.approx(0.82) and b["half"] == pytest.approx(4.303 * 0.02 / 3 ** 0.5)
+    j = st[0.6, "oba-joint", "batchnorm"]
+    # paired differences 0.03, 0.02, 0.04: mean 0.03, sd 0.01
+    assert j["diff"] == pytest.approx(0.03) and j["diff_half"] == pytest.approx(4.303 * 0.01 / 3 ** 0.5)
+    assert j["significant"]
+    p = st[0.6, "oba-joint", "plain"]  # differences -0.7, 0.06, -0.32: the interval holds 0
+    assert p["diff"] == pytest.approx(-0.32) and not p["significant"]
+    assert ("magnitude", "plain") not in {(k[1], k[2]) for k in st}
