@@ -189,37 +189,40 @@ def _removal_of(graph, report):
 
 
 class _Memo:
-    """Scores depend on the calibration sample, not on the target: the benchmark scores each (seed, criterion)
-    once and reuses it for every target (compress itself re-scores every call). Group ids are stable across
-    re-traces of one model."""
+    """Scores depend on the calibration sample, not on the target: the benchmark scores each (model, seed,
+    criterion) once and reuses it for every target (compress itself re-scores every call), and group-exact's
+    two parts (first-order term, exact self terms) once per (model, seed) for both group-exact and oba-joint.
+    Group ids are stable across re-traces of one model. ``key`` is (model, seed)."""
 
     def __init__(self):
-        import oba_fx.scoring  # noqa: F401  (the module, not the re-exported functions)
+        import oba_fx.scoring  # noqa: F401  (the modules, not the re-exported functions)
 
-        self.mod = sys.modules["oba_fx.compress"]
-        self.orig = {k: getattr(self.mod, k) for k in ("_group_exact_parts", "group_scores")}
+        self.comp, self.scoring = sys.modules["oba_fx.compress"], sys.modules["oba_fx.scoring"]
+        self.orig_parts = self.scoring._group_exact_parts
+        self.orig_scores = self.comp.group_scores
         self.cache = {}
         self.key = None
 
     def __enter__(self):
-        def parts(*a, **k):
-            return self._get(("parts",), self.orig["_group_exact_parts"], a, k)
+        def parts(graph, calibration, loss_fn, method, probes, seed, *a, **k):
+            return self._get(("parts",), self.orig_parts, (graph, calibration, loss_fn, method, probes, seed) + a, k)
 
         def scores(graph, batches, criterion, *a, **k):
-            return self._get(("scores", criterion), self.orig["group_scores"], (graph, batches, criterion) + a, k)
+            return self._get(("scores", criterion), self.orig_scores, (graph, batches, criterion) + a, k)
 
-        self.mod._group_exact_parts, self.mod.group_scores = parts, scores
+        self.comp._group_exact_parts = self.scoring._group_exact_parts = parts
+        self.comp.group_scores = scores
         return self
 
     def _get(self, what, fn, a, k):
-        key = (self.key,) + what
+        key = self.key + what
         if key not in self.cache:
             self.cache[key] = fn(*a, **k)
         return self.cache[key]
 
     def __exit__(self, *exc):
-        for k, v in self.orig.items():
-            setattr(self.mod, k, v)
+        self.comp._group_exact_parts = self.scoring._group_exact_parts = self.orig_parts
+        self.comp.group_scores = self.orig_scores
 
 
 def _t95(n):
@@ -238,8 +241,8 @@ def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, pro
     with _Memo() as memo:
         for seed in seeds:
             calib = calib_for(seed)
+            memo.key = (name, seed)
             for crit in criteria:
-                memo.key = (name, seed, crit)
                 for t in targets:
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
