@@ -66,10 +66,9 @@ def run_one(model, spec, calib_seed, target, criterion, steps, args, test):
     kw = {"probes": 8} if criterion == "group-exact" else {}
     if normalize:
         kw["normalize"] = normalize
-    if comp:
-        kw["compensate"] = True
-    if args.reestimate_bn:
-        kw["reestimate_bn"] = True
+    # explicit, so a recorded column reproduces whatever the library defaults are now
+    kw["compensate"] = comp
+    kw["reestimate_bn"] = bool(args.reestimate_bn)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

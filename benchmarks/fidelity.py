@@ -166,7 +166,8 @@ def joint(model, calib, held, criteria, targets, oracle, example, progress=True)
             else:
                 c_arg = crit
             kw = {"probes": 8} if crit == "group-exact" else {}
-            res = oba_fx.compress(model, example, calib, target_flops=t, criterion=c_arg, progress=False, **kw)
+            res = oba_fx.compress(model, example, calib, target_flops=t, criterion=c_arg, progress=False,
+                                  compensate=False, reestimate_bn=False, **kw)
             ev = _loss_on(res.model, held)
             rows.append({"criterion": crit, "target_flops": t, "flops_ratio": res.report["flops"]["ratio"],
                          "accuracy": ev["accuracy"], "loss": ev["loss"]})
@@ -247,8 +248,9 @@ def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, pro
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
+                        # the selection only: the three ways are applied to its removal below
                         res = oba_fx.compress(model, example, calib, target_flops=t, criterion=crit,
-                                              progress=False)
+                                              progress=False, compensate=False, reestimate_bn=False)
                     t_compress = time.perf_counter() - t0
                     removal = _removal_of(graph, res.report)
                     step = res.report["step_reports"][0]

@@ -136,6 +136,60 @@ def oneshot_stats(o: dict) -> dict:
     return out
 
 
+def paired(o: dict, t: float, a: tuple, b: tuple):
+    """Accuracy of (criterion, way) ``a`` minus ``b`` at target ``t``, paired by seed: (mean, 95% half-width, n)."""
+    acc = {(r["criterion"], w, r["seed"]): v["accuracy"] for r in o["rows"] if r["target_flops"] == t
+           for w, v in r["ways"].items()}
+    d = [acc[a + (sd,)] - acc[b + (sd,)] for sd in o["seeds"] if a + (sd,) in acc and b + (sd,) in acc]
+    if not d:
+        return None
+    mean, half = _mean_ci(d, o["t95"])
+    return mean, half, len(d)
+
+
+def _pm(x):
+    if x is None:
+        return "not measured"
+    mean, half, n = x
+    sig = n > 1 and abs(mean) > half
+    txt = f"{100 * mean:+.1f} ± {100 * half:.1f}"
+    return f"**{txt}**" if sig else txt
+
+
+def oneshot_findings(fid: dict) -> list[str]:
+    """What beats what in the one-shot rows: paired by seed, 95% intervals; bold where significant."""
+    out = []
+    for m in fid.get("models", []):
+        o = m.get("oneshot")
+        if not o:
+            continue
+        st = oneshot_stats(o)
+        a0 = o["original"]["accuracy"]
+        parts = []
+        for t in o["targets"]:
+            base = st.get((t,) + ONESHOT_BASELINE)
+            if not base:
+                continue
+            best_key = max((k for k in st if k[0] == t), key=lambda k: st[k]["mean"])
+            gap = a0 - base["mean"]
+            closed = (st[best_key]["mean"] - base["mean"]) / gap if gap > 0 else float("nan")
+            cmp = []
+            for way in ("batchnorm", "batchnorm+compensation"):
+                if "oba-joint" in o["criteria"]:
+                    cmp.append(f"oba-joint − magnitude {_pm(paired(o, t, ('oba-joint', way), ('magnitude', way)))}, "
+                               f"− group-exact {_pm(paired(o, t, ('oba-joint', way), ('group-exact', way)))} "
+                               f"({way})")
+            if "oba" in o["criteria"]:
+                cmp.append(f"oba − magnitude {_pm(paired(o, t, ('oba', 'batchnorm'), ('magnitude', 'batchnorm')))} "
+                           "(batchnorm)")
+            parts.append(f"{t:.0%} FLOPs: baseline {100 * base['mean']:.1f}%, best {best_key[1]} ({best_key[2]}) "
+                         f"{100 * st[best_key]['mean']:.1f}%, closing {100 * closed:.0f}% of the gap to "
+                         f"{100 * a0:.1f}%; " + "; ".join(cmp))
+        out.append(f"- **One-shot, {m['model']}** ({len(o['seeds'])} calibration seeds, points of held-out "
+                   "accuracy paired by seed, 95% interval, bold if it excludes 0): " + ". ".join(parts) + ".")
+    return out
+
+
 def oneshot(name: str, o: dict) -> list[str]:
     st = oneshot_stats(o)
     a0 = o["original"]["accuracy"]
@@ -411,6 +465,42 @@ def recommend(acc: dict) -> dict:
     return out
 
 
+#: The after-rewrite options, as the one-shot benchmark's ways: (compress keyword, way with it, way without it).
+POST_OPTIONS = (("reestimate_bn", "batchnorm", "plain"), ("compensate", "batchnorm+compensation", "batchnorm"))
+
+
+def recommend_post(fid: dict, criterion: str) -> dict:
+    """On/off for each after-rewrite option, from the one-shot rows of results/fidelity.json.
+
+    Rule: an option is on by default when, for the default ``criterion``, it raises the mean held-out accuracy
+    (paired by calibration seed) in every (model, target) cell where it changes anything, and its paired 95%
+    interval excludes 0 in at least one of them. Cells where the option changes nothing (BatchNorm
+    re-estimation of a model without BatchNorm) do not count. No cell: no recommendation.
+    """
+    import statistics
+
+    out = {}
+    for opt, with_, without in POST_OPTIONS:
+        cells = []
+        for m in fid.get("models", []):
+            o = m.get("oneshot")
+            if not o or criterion not in o["criteria"]:
+                continue
+            for t in o["targets"]:
+                rows = [r for r in o["rows"] if r["criterion"] == criterion and r["target_flops"] == t]
+                diffs = [r["ways"][with_]["accuracy"] - r["ways"][without]["accuracy"] for r in rows]
+                if not diffs or all(d == 0 for d in diffs):
+                    continue
+                mean, half = _mean_ci(diffs, o["t95"])
+                cells.append({"model": m["model"], "target": t, "diff": mean, "half": half,
+                              "significant": bool(len(diffs) > 1 and abs(mean) > half)})
+        if cells:
+            on = all(c["diff"] > 0 for c in cells) and any(c["significant"] and c["diff"] > 0 for c in cells)
+            out[opt] = {"on": on, "cells": cells,
+                        "mean_diff": statistics.mean(c["diff"] for c in cells)}
+    return out
+
+
 def _seed_dominated(acc: dict) -> list[str]:
     """Columns where the seed (calibration sample and fine-tuning data order) moves every criterion together more
     than the criteria differ: there the per-criterion ± std mostly measures the seed, and a paired view is fairer."""
@@ -498,6 +588,7 @@ def findings(results: dict) -> list[str]:
                     f"loss, mean ΔL {s_['true_delta_heldout']['mean']:.1e} on a loss of {s_['base_loss_heldout']:.2f}). "
                     f"No criterion ranks them (best held-out Spearman: {best['criterion']} "
                     f"{best['spearman_heldout']:+.2f}); it is left out of the means above." + ge_note]
+        out += oneshot_findings(fid)
     acc = results.get("accuracy")
     if acc:
         rows = [r for r in acc["rows"] if r["criterion"] != "original" and ":" not in r["criterion"]]
@@ -528,8 +619,16 @@ def findings(results: dict) -> list[str]:
         out += ["- Differences between the leading criteria are mostly within one standard deviation over "
                 "seeds (see the table), so the ranking is weak evidence; the rule is applied as stated and "
                 "`tests/test_benchmarks.py` checks that the library follows it."]
+    post = recommend_post(fid, sig["criterion"].default) if fid else {}
+    for opt, r in post.items():
+        cells = ", ".join(f"{c['model']} {c['target']:.0%} {100 * c['diff']:+.1f} ± {100 * c['half']:.1f}"
+                          for c in r["cells"])
+        out += [f"- **Rule for `{opt}`** (one-shot rows, default criterion `{sig['criterion'].default}`): on when "
+                "it raises the mean held-out accuracy, paired by seed, in every cell where it changes anything, "
+                f"significantly in at least one: {cells} → {'on' if r['on'] else 'off'}."]
     out += [f"- **Library defaults** (`oba_fx.compress`, CLI): criterion=`{sig['criterion'].default}`, "
-            f"normalize=`{sig['normalize'].default}`, signed={sig['signed'].default}.", ""]
+            f"normalize=`{sig['normalize'].default}`, signed={sig['signed'].default}, "
+            f"reestimate_bn={sig['reestimate_bn'].default}, compensate={sig['compensate'].default}.", ""]
     return out
 
 

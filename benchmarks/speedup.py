@@ -76,7 +76,9 @@ def main():
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    # speed depends on the widths only: random weights, no refit of them
                     res = oba_fx.compress(model, example, calib, target_flops=t, criterion=args.criterion,
+                                          compensate=False, reestimate_bn=False,
                                           round_to=rt, progress=False)
                 key = f"{t:.0%}" + (f" round_to={rt}" if rt else "")
                 variants[key] = res.model

@@ -276,7 +276,7 @@ def cmd_train(args) -> int:
 def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion=None,
                  steps=1, scope="global", finetune_epochs=0, lr=0.01, batch_size=128, calib_batches=8,
                  calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, activation_checkpoint=False,
-                 compensate=False, reestimate_bn=False, args=None) -> dict:
+                 compensate=True, reestimate_bn=True, args=None) -> dict:
     import oba_fx
 
     from .plots import plot_steps, plot_widths
@@ -590,12 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--activation-checkpoint", type=int, nargs="?", const=True, metavar="SEGMENTS",
                    help="recompute activations while scoring (less memory, one more forward, same scores); "
                         "optionally the number of graph segments (default about sqrt of the graph's nodes)")
-    c.add_argument("--compensate", action="store_true",
+    c.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                    help="after each rewrite, refit the kept input weights of every consumer layer by least "
-                        "squares against the original layer's output on the calibration batches")
-    c.add_argument("--reestimate-bn", action="store_true",
+                        "squares against the original layer's output on the calibration batches (default on; "
+                        "--no-compensate keeps the sliced weights)")
+    c.add_argument("--reestimate-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="after each rewrite, re-estimate every BatchNorm's running statistics on the "
-                        "calibration batches instead of keeping the sliced ones")
+                        "calibration batches instead of keeping the sliced ones (default on)")
     c.add_argument("--out", required=True, help="folder for model.pt, model.onnx, report.json and plots")
     c.set_defaults(fn=cmd_compress)
 

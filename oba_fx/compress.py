@@ -359,8 +359,8 @@ def compress(
     progress: bool = True,
     micro_batch: int | None = None,
     checkpoint: bool | int = False,
-    reestimate_bn: bool | Iterable = False,
-    compensate: bool = False,
+    reestimate_bn: bool | Iterable = True,
+    compensate: bool = True,
     damping: float = DEFAULT_DAMPING,
     joint_rounds: int = JOINT_ROUNDS,
 ) -> CompressResult:
@@ -400,16 +400,16 @@ def compress(
             while scoring (less memory, same scores for a per-sample mean loss).
         checkpoint: activation checkpointing while scoring (True, or a number of
             graph segments): less memory for one more forward, same scores.
-        reestimate_bn: True: after each step's rewrite, replace every BatchNorm's
-            running statistics by their average over the step's calibration batches
-            (``passes.norm_stats``); or an iterable of batches to use instead (a
-            training loader: more data, better estimates); False (for now the
-            default, so that the recorded benchmarks stay what they measured) keeps
-            the sliced, stale statistics.
-        compensate: after each rewrite, refit every consumer's kept input weights
-            and bias by damped least squares against the original layer's output
-            on the step's calibration batches (``passes.compensate``); before the
-            BatchNorm re-estimation.
+        reestimate_bn: True (default): after each step's rewrite, replace every
+            BatchNorm's running statistics by their average over the step's
+            calibration batches (``passes.norm_stats``); or an iterable of batches
+            to use instead (a training loader: more data, better estimates); False
+            keeps the sliced, stale statistics.
+        compensate: True (default): after each rewrite, refit every consumer's kept
+            input weights and bias by damped least squares against the original
+            layer's output on the step's calibration batches (``passes.compensate``),
+            before the BatchNorm re-estimation. Both defaults follow the one-shot
+            benchmark by the rule in BENCHMARKS.md (``report.py:recommend_post``).
         damping: the compensation's λ, relative to the mean diagonal of each kept
             input Gram matrix.
         joint_rounds: swap rounds of ``oba-joint`` (one Hessian-vector product each).

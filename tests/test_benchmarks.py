@@ -74,6 +74,13 @@ def test_defaults_follow_the_recorded_data():
 
     assert build_parser().parse_args(["compress", "x.pt", "--out", "o"]).criterion == rec["criterion"]
     assert build_parser().parse_args(["demo"]).criterion == "oba"  # the demo shows the paper's criterion
+    # the after-rewrite options follow the one-shot rows of the fidelity benchmark
+    fid = json.loads((ROOT / "benchmarks" / "results" / "fidelity.json").read_text())
+    post = _report_module().recommend_post(fid, rec["criterion"])
+    assert set(post) == {"reestimate_bn", "compensate"}, "fidelity.json has no one-shot rows for the default"
+    cli = build_parser().parse_args(["compress", "x.pt", "--out", "o"])
+    for opt, r in post.items():
+        assert sig[opt].default is r["on"] and getattr(cli, opt) is r["on"], (opt, r)
 
 
 def test_recommend_rule():
@@ -195,3 +202,28 @@ def test_oneshot_statistics_by_hand():
     p = st[0.6, "oba-joint", "plain"]  # differences -0.7, 0.06, -0.32: the interval holds 0
     assert p["diff"] == pytest.approx(-0.32) and not p["significant"]
     assert ("magnitude", "plain") not in {(k[1], k[2]) for k in st}
+
+
+def test_post_option_rule_by_hand():
+    """The rule that turns the one-shot rows into on/off defaults for BN re-estimation and compensation."""
+    rep = _report_module()
+
+    def model(name, accs):  # accs[way] = per-seed accuracies at the one target
+        rows = [{"seed": sd, "criterion": "magnitude", "target_flops": 0.6,
+                 "ways": {w: {"accuracy": v[sd]} for w, v in accs.items()}} for sd in range(3)]
+        return {"model": name, "oneshot": {"criteria": ["magnitude"], "targets": [0.6], "rows": rows,
+                                           "t95": {"2": 12.706, "3": 4.303}}}
+
+    cnn = model("cnn", {"plain": [0.3, 0.4, 0.5], "batchnorm": [0.7, 0.8, 0.9],
+                        "batchnorm+compensation": [0.71, 0.79, 0.92]})
+    vit = model("vit", {"plain": [0.6, 0.6, 0.6], "batchnorm": [0.6, 0.6, 0.6],  # no BatchNorm: no change
+                        "batchnorm+compensation": [0.7, 0.7, 0.7]})
+    rec = rep.recommend_post({"models": [cnn, vit]}, "magnitude")
+    assert rec["reestimate_bn"]["on"] and [c["model"] for c in rec["reestimate_bn"]["cells"]] == ["cnn"]
+    # compensation: +0.0067 on the cnn (not significant) and +0.1 on the vit (significant): on
+    assert rec["compensate"]["on"] and len(rec["compensate"]["cells"]) == 2
+    # one cell where it lowers the mean: off
+    cnn2 = model("cnn", {"plain": [0.3, 0.4, 0.5], "batchnorm": [0.7, 0.8, 0.9],
+                         "batchnorm+compensation": [0.69, 0.79, 0.89]})
+    assert not rep.recommend_post({"models": [cnn2, vit]}, "magnitude")["compensate"]["on"]
+    assert rep.recommend_post({"models": [cnn]}, "oba") == {}

@@ -222,13 +222,20 @@ def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
 
 def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_path):
     out = tmp_path / "c"
+    # both on by default
     assert run_cli("compress", trained, "--data", fmnist_dir, "--target-flops", 0.6, "--criterion", "magnitude",
-                   "--calib-batches", 2, "--calib-batch-size", 16, "--compensate", "--reestimate-bn",
-                   "--out", out) == 0
+                   "--calib-batches", 2, "--calib-batch-size", 16, "--out", out) == 0
     rep = json.loads((out / "report.json").read_text())["compress"]
     assert rep["post_rewrite"] == {"compensate": True, "damping": 0.01, "reestimate_bn": "calibration batches"}
     post = rep["step_reports"][0]["post_rewrite"]
     assert post["compensation"]["layers"] and post["batchnorm"]["layers"] > 0
+    off = tmp_path / "off"
+    assert run_cli("compress", trained, "--data", fmnist_dir, "--target-flops", 0.6, "--criterion", "magnitude",
+                   "--calib-batches", 2, "--calib-batch-size", 16, "--no-compensate", "--no-reestimate-bn",
+                   "--out", off) == 0
+    rep = json.loads((off / "report.json").read_text())["compress"]
+    assert rep["post_rewrite"] == {"compensate": False, "damping": None, "reestimate_bn": False}
+    assert set(rep["step_reports"][0]["post_rewrite"]) == {"loss_after_rewrite"}
 
 
 def test_demo_smoke(fmnist_dir, tmp_path, capsys):

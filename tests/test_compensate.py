@@ -277,7 +277,7 @@ def test_batchnorm_reestimation_failure_leaves_the_statistics():
 
 # --------------------------------------------------------------------------- through compress
 
-def test_compress_reestimates_batchnorm_and_compensates_when_asked():
+def test_compress_reestimates_batchnorm_and_compensates_by_default():
     import copy
 
     torch.manual_seed(0)
@@ -289,9 +289,10 @@ def test_compress_reestimates_batchnorm_and_compensates_when_asked():
     cal = _batches((3, 6, 6), n=2, batch=8)
     x = cal[0][0]
     kw = dict(target_flops=0.7, criterion="magnitude", progress=False)
-    plain = oba_fx.compress(m, x, cal, **kw)
-    default = oba_fx.compress(m, x, cal, reestimate_bn=True, **kw)
-    comp = oba_fx.compress(m, x, cal, compensate=True, reestimate_bn=True, **kw)
+    plain = oba_fx.compress(m, x, cal, compensate=False, reestimate_bn=False, **kw)
+    default = oba_fx.compress(m, x, cal, compensate=False, **kw)
+    comp = oba_fx.compress(m, x, cal, **kw)  # the defaults: compensation, then BatchNorm re-estimation
+    assert comp.report["post_rewrite"] == {"compensate": True, "damping": 0.01, "reestimate_bn": "calibration batches"}
     assert "batchnorm" not in plain.report["step_reports"][0]["post_rewrite"]
     for k, v in m.state_dict().items():  # the user's model is never touched
         assert torch.equal(v, snap[k]), k
@@ -314,7 +315,7 @@ def test_compress_reestimates_batchnorm_and_compensates_when_asked():
     assert all(a <= b + 1e-12 for b, a in cst["compensation"]["output_error"].values())
     # batches given for re-estimation are used instead of the calibration batches
     other = _batches((3, 6, 6), n=2, batch=8, seed=5)
-    given = oba_fx.compress(m, x, cal, reestimate_bn=iter(other), **kw)
+    given = oba_fx.compress(m, x, cal, compensate=False, reestimate_bn=iter(other), **kw)
     ref2 = copy.deepcopy(plain.model)
     reestimate_batchnorm(ref2, other)
     torch.testing.assert_close(given.model.b1.running_mean, ref2.b1.running_mean)
