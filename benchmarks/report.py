@@ -433,7 +433,8 @@ def recommend(acc: dict) -> dict:
     """The defaults the accuracy table supports (the rule is stated in BENCHMARKS.md and tested).
 
     Criterion: the highest accuracy averaged over every complete column (dataset, model, mode, target)
-    in which all library criteria were run ("random" and normalisation variants "name:norm" excluded).
+    in which all candidate criteria were run. Candidates: the library criteria run in every budget regime
+    (mode), "random" and the variants "name:norm" and "name+compensate" excluded.
     Normalisation: for the criterion's ":mean"/":max" variants (or, if it has none, oba's), the option
     with the highest accuracy averaged over the columns where all variants were run.
     """
@@ -446,7 +447,15 @@ def recommend(acc: dict) -> dict:
         cols = [c for c in columns if all((c, n) in cell for n in names)]
         return cols, {n: sum(cell[(c, n)] for c in cols) / len(cols) for n in names} if cols else {}
 
-    crits = [c for c in dict.fromkeys(r["criterion"] for r in rows) if ":" not in c and c != "random"]
+    # candidates: plain criteria (not "name:norm" or "name+compensate" variants, not random) run in every
+    # budget regime (mode: one-shot, iterative, full-budget ...), so a criterion measured in one regime only
+    # neither wins by default nor empties the set of complete columns
+    plain = [c for c in dict.fromkeys(r["criterion"] for r in rows)
+             if ":" not in c and not c.endswith("+compensate") and c != "random"]
+    regimes = {}
+    for r in rows:
+        regimes.setdefault(r["mode"], set()).add(r["criterion"])
+    crits = [c for c in plain if all(c in names for names in regimes.values())]
     cols, means = mean_over(crits)
     if not means:
         return {}

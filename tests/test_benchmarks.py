@@ -96,6 +96,13 @@ def test_recommend_rule():
     rec = _report_module().recommend({"rows": rows})
     assert rec["criterion"] == "taylor" and rec["criterion_columns"] == 2
     assert rec["normalize"] == "mean" and rec["normalize_base"] == "oba"
+    # a second regime with a criterion run only there, and a compensated variant: neither is a candidate,
+    # and the complete columns of both regimes still count
+    full = [dict(row("m", c, 0.5, a), mode="full-budget") for c, a in
+            (("oba", 0.93), ("taylor", 0.90), ("oba-joint", 0.99), ("oba+compensate", 0.99))]
+    rec = _report_module().recommend({"rows": rows + full})
+    assert rec["criterion_columns"] == 3 and set(rec["criterion_mean_accuracy"]) == {"oba", "taylor"}
+    assert rec["criterion"] == "taylor"  # (0.80 + 0.85 + 0.90) / 3 > (0.90 + 0.70 + 0.93) / 3
 
 
 def test_seed_dominated_columns_are_paired():
