@@ -115,27 +115,6 @@ def _mean_ci(vals, t95):
     return mean, half
 
 
-def oneshot_stats(o: dict) -> dict:
-    """Per (target, criterion, way): accuracy mean and 95% half-width over seeds, and the difference from the
-    baseline (magnitude with BatchNorm re-estimation) paired by seed, with its half-width."""
-    acc = {(r["target_flops"], r["criterion"], w, r["seed"]): v["accuracy"] for r in o["rows"]
-           for w, v in r["ways"].items()}
-    out = {}
-    for t in o["targets"]:
-        for c in o["criteria"]:
-            for w in o["ways"]:
-                seeds = [sd for sd in o["seeds"] if (t, c, w, sd) in acc]
-                if not seeds:
-                    continue
-                mean, half = _mean_ci([acc[t, c, w, sd] for sd in seeds], o["t95"])
-                paired = [acc[t, c, w, sd] - acc[(t,) + ONESHOT_BASELINE + (sd,)] for sd in seeds
-                          if (t,) + ONESHOT_BASELINE + (sd,) in acc]
-                d_mean, d_half = _mean_ci(paired, o["t95"]) if paired else (float("nan"), float("nan"))
-                out[t, c, w] = {"mean": mean, "half": half, "n": len(seeds), "diff": d_mean, "diff_half": d_half,
-                                "significant": bool(abs(d_mean) > d_half) if d_half == d_half else False}
-    return out
-
-
 def paired(o: dict, t: float, a: tuple, b: tuple):
     """Accuracy of (criterion, way) ``a`` minus ``b`` at target ``t``, paired by seed: (mean, 95% half-width, n)."""
     acc = {(r["criterion"], w, r["seed"]): v["accuracy"] for r in o["rows"] if r["target_flops"] == t
@@ -145,6 +124,35 @@ def paired(o: dict, t: float, a: tuple, b: tuple):
         return None
     mean, half = _mean_ci(d, o["t95"])
     return mean, half, len(d)
+
+
+def oneshot_stats(o: dict) -> dict:
+    """Per (target, criterion, way): accuracy mean and 95% half-width over seeds, and the difference from the
+    baseline (magnitude with BatchNorm re-estimation) paired by seed, with its half-width."""
+    out = {}
+    for t in o["targets"]:
+        for c in o["criteria"]:
+            for w in o["ways"]:
+                accs = [r["ways"][w]["accuracy"] for r in o["rows"]
+                        if r["target_flops"] == t and r["criterion"] == c and w in r["ways"]]
+                if not accs:
+                    continue
+                mean, half = _mean_ci(accs, o["t95"])
+                d_mean, d_half, n = paired(o, t, (c, w), ONESHOT_BASELINE) or (float("nan"), float("nan"), 0)
+                out[t, c, w] = {"mean": mean, "half": half, "n": len(accs), "diff": d_mean, "diff_half": d_half,
+                                "significant": bool(n > 1 and abs(d_mean) > d_half)}
+    return out
+
+
+def gap_closed(o: dict, st: dict, t: float):
+    """(baseline stats, best (target, criterion, way), fraction of the baseline's gap to the original it closes)
+    at target ``t``, or None without a baseline."""
+    base = st.get((t,) + ONESHOT_BASELINE)
+    if not base:
+        return None
+    best = max((k for k in st if k[0] == t), key=lambda k: st[k]["mean"])
+    gap = o["original"]["accuracy"] - base["mean"]
+    return base, best, (st[best]["mean"] - base["mean"]) / gap if gap > 0 else float("nan")
 
 
 def _pm(x):
@@ -167,12 +175,10 @@ def oneshot_findings(fid: dict) -> list[str]:
         a0 = o["original"]["accuracy"]
         parts = []
         for t in o["targets"]:
-            base = st.get((t,) + ONESHOT_BASELINE)
-            if not base:
+            g = gap_closed(o, st, t)
+            if g is None:
                 continue
-            best_key = max((k for k in st if k[0] == t), key=lambda k: st[k]["mean"])
-            gap = a0 - base["mean"]
-            closed = (st[best_key]["mean"] - base["mean"]) / gap if gap > 0 else float("nan")
+            base, best_key, closed = g
             cmp = []
             for way in ("batchnorm", "batchnorm+compensation"):
                 if "oba-joint" in o["criteria"]:
@@ -215,13 +221,11 @@ def oneshot(name: str, o: dict) -> list[str]:
             out.append(f"| {c} | {w} | " + " | ".join(cells) + " |")
     out.append("")
     for t in o["targets"]:
-        base = st.get((t,) + ONESHOT_BASELINE)
-        if not base:
+        g = gap_closed(o, st, t)
+        if g is None:
             continue
-        best_key = max((k for k in st if k[0] == t), key=lambda k: st[k]["mean"])
-        best = st[best_key]
-        gap = a0 - base["mean"]
-        closed = (best["mean"] - base["mean"]) / gap if gap > 0 else float("nan")
+        base, best_key, closed = g
+        best, gap = st[best_key], a0 - base["mean"]
         out.append(f"- {t:.0%} FLOPs: the baseline (magnitude, BatchNorm re-estimated) is {100 * base['mean']:.1f}%, "
                    f"{100 * gap:.1f} points below the original; the best variant, {best_key[1]} "
                    f"({best_key[2]}), reaches {100 * best['mean']:.1f}% and closes {100 * closed:.0f}% of that gap "

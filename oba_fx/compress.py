@@ -39,6 +39,7 @@ from .counting import COUNTERS, _to_meta, example_args, forward_cost
 from .graph import Graph, trace
 from .joint import JOINT_ROUNDS, JointModel
 from .joint import select as select_joint
+from .joint import units as removal_units
 from .scoring import CRITERIA, _group_exact_parts, group_scores, rank_scores
 
 __all__ = ["compress", "CompressResult", "evaluate_loss", "DEFAULT_CRITERION", "DEFAULT_NORMALIZE", "SELECTIONS",
@@ -179,10 +180,6 @@ def _candidate_cost(traced: TracedGraph, result, removal, measure: str, method: 
 def _group_key(g) -> str:
     """Identity of a group across re-traces: its first producer/head/norm slice."""
     return g.label.split(" (")[0]
-
-
-def _removal_key(removal) -> frozenset:
-    return frozenset((gid, int(c)) for gid, cs in removal.items() for c in cs)
 
 
 def _removal_from_order(units, counts_cap, sizes, round_to):
@@ -560,7 +557,7 @@ def compress(
                     f"{_unreachable_fix(graph, c / base)}"))
             out = removal_at(units)
             fills["evaluations"] += evals
-            fills["moved"][_removal_key(out)] = moved
+            fills["moved"][removal_units(out)] = moved
             return out
 
         joint_report = None
@@ -571,7 +568,7 @@ def compress(
             removal, joint_report = select_joint(model_q, starts, fill, rounds=joint_rounds, progress=progress)
         else:
             removal = fill(ranked(importance))
-        evals, moved = fills["evaluations"], fills["moved"][_removal_key(removal)]
+        evals, moved = fills["evaluations"], fills["moved"][removal_units(removal)]
         t_select = time.perf_counter() - t0
         # magnitude and random scores are not loss changes: no prediction to report for them; oba-joint
         # predicts the removal set's loss change as a whole

@@ -141,8 +141,9 @@ class JointModel:
         return Marginals(predicted=predicted, first=first, value=value, in_p=in_p)
 
 
-def _as_set(removal) -> set[tuple[int, int]]:
-    return {(gid, int(c)) for gid, cs in removal.items() for c in cs}
+def units(removal) -> frozenset[tuple[int, int]]:
+    """The (group id, channel) pairs of a removal ``{group id: [channels]}``."""
+    return frozenset((gid, int(c)) for gid, cs in removal.items() for c in cs)
 
 
 def _proposal(order_ids: list[tuple[int, int]], marg: Marginals, current: set, m: int) -> list[tuple[int, int]]:
@@ -185,18 +186,18 @@ def select(model: JointModel, starts: dict[str, list[tuple[int, int]]], fill: Ca
     start = min(evaluated, key=lambda k: evaluated[k][1].predicted)
     removal, marg, order = evaluated[start]
     ids = list(order)
-    current = _as_set(removal)
+    current = units(removal)
     m = max(len(current), 1)
     history = []
-    seen = {frozenset(_as_set(v[0])): v[1].predicted for v in evaluated.values()}
+    seen = {units(v[0]) for v in evaluated.values()}
     while len(history) < rounds and m >= 1:
         proposal = fill(_proposal(ids, marg, current, m))
-        prop_set = _as_set(proposal)
-        if frozenset(prop_set) in seen:  # this set (or P itself) was evaluated already: a smaller move
+        prop_set = units(proposal)
+        if prop_set in seen:  # this set (or P itself) was evaluated already: a smaller move
             m //= 2
             continue
         new = model.at(proposal, progress=progress)
-        seen[frozenset(prop_set)] = new.predicted
+        seen.add(prop_set)
         changed = len(prop_set ^ current)
         accepted = new.predicted < marg.predicted
         history.append({"trust": m, "changed": changed, "predicted": new.predicted, "accepted": bool(accepted)})
@@ -212,6 +213,6 @@ def select(model: JointModel, starts: dict[str, list[tuple[int, int]]], fill: Ca
         "predicted_first_order": marg.first,
         "rounds": history,
         "hvps": model.hvps,
-        "swapped_channels": len(current ^ _as_set(evaluated[start][0])),
+        "swapped_channels": len(current ^ units(evaluated[start][0])),
     }
     return removal, report

@@ -380,8 +380,7 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
     if method not in ("auto", "vmap", "probes"):
         raise ValueError(f"method must be 'auto', 'vmap' or 'probes', got {method!r}")
     groups = graph.prunable_groups
-    if method == "auto":
-        method = "vmap" if sum(g.size for g in groups) <= 4096 else "probes"
+    method = _exact_method(groups, method)
     if channels is not None:
         if method != "vmap":
             raise ValueError("channels= needs method='vmap' (the probe estimate covers every channel at once)")
@@ -399,12 +398,21 @@ def group_exact_scores(graph, calibration, loss_fn=None, method="auto", probes=6
     return scores, {gid: 0.5 * e for gid, e in q_err.items()}
 
 
+#: ``method="auto"`` of group-exact: exact vmap up to this many prunable channels, probes above.
+VMAP_MAX_CHANNELS = 4096
+
+
+def _exact_method(groups, method: str) -> str:
+    if method != "auto":
+        return method
+    return "vmap" if sum(g.size for g in groups) <= VMAP_MAX_CHANNELS else "probes"
+
+
 def _group_exact_parts(graph, calibration, loss_fn, method, probes, seed, progress, channels=None):
     """(g_Sδ_S, δ_SᵀH_SSδ_S, standard error of the latter or None) per channel S of every prunable group."""
     model = graph.gm
     groups = graph.prunable_groups
-    if method == "auto":
-        method = "vmap" if sum(g.size for g in groups) <= 4096 else "probes"
+    method = _exact_method(groups, method)
     calibration = _reiterable(calibration)
     named = dict(model.named_parameters())
     names = [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]

@@ -209,6 +209,9 @@ def test_oneshot_statistics_by_hand():
     p = st[0.6, "oba-joint", "plain"]  # differences -0.7, 0.06, -0.32: the interval holds 0
     assert p["diff"] == pytest.approx(-0.32) and not p["significant"]
     assert ("magnitude", "plain") not in {(k[1], k[2]) for k in st}
+    # the best variant (oba-joint batchnorm, 0.85) closes (0.85 - 0.82) / (0.88 - 0.82) = half the gap
+    base, best, closed = rep.gap_closed(dict(o, original={"accuracy": 0.88}), st, 0.6)
+    assert best == (0.6, "oba-joint", "batchnorm") and closed == pytest.approx(0.5)
 
 
 def test_post_option_rule_by_hand():
