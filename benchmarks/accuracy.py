@@ -99,9 +99,9 @@ def main():
     ap.add_argument("--test-samples", type=int, default=10000)
     ap.add_argument("--data", help="Fashion-MNIST folder")
     ap.add_argument("--cifar", help="a CIFAR-10 folder: also run on CIFAR-10")
-    ap.add_argument("--append", action="store_true",
-                    help="add to benchmarks/results/accuracy.json instead of replacing it (rows of the same "
-                         "dataset/model/criterion/mode/target are replaced)")
+    ap.add_argument("--append", "--resume", action="store_true", dest="append",
+                    help="add to the --out results file instead of replacing it: runs already recorded there with "
+                         "the same cell, seed and budget are skipped (so a cut grid resumes), others are added")
     ap.add_argument("--out", default="accuracy",
                     help="results file name under benchmarks/results (default accuracy); use another name for a "
                          "run in parallel, then --merge it")
@@ -123,9 +123,11 @@ def main():
 
         from common import RESULTS
 
-        old = json.loads((RESULTS / f"{args.out}.json").read_text())
-        rows, raw = old["rows"], old["runs"]
-        commands = old.get("commands", [old.get("command", "")])
+        path = RESULTS / f"{args.out}.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            rows, raw = old["rows"], old["runs"]
+            commands = old.get("commands", [old.get("command", "")])
     args._commands = commands
     datasets = [("fashion-mnist", spec, test)]
     if args.cifar:
@@ -143,33 +145,38 @@ def main():
                                             and x["criterion"] == "original")]
             rows.append({"dataset": ds_name, "model": name, "criterion": "original", "mode": "-", "target_flops": 1.0,
                          "accuracy_mean": base["accuracy"], "accuracy_std": 0.0, "seeds": 1})
-            for target, mode, crit in itertools.product(args.targets, args.modes, args.criteria):
+            # seed-major order: a grid cut short still holds every criterion at the seeds it finished, so the
+            # differences paired by seed can be taken; each run is saved as soon as it ends (--resume skips it)
+            for target, mode in itertools.product(args.targets, args.modes):
                 steps = ITERATIVE_STEPS if mode == "iterative" else 1
-                accs, rs = [], []
-                for seed in args.seeds:
+                for seed, crit in itertools.product(args.seeds, args.criteria):
+                    key = (ds_name, name, crit, args.label or mode, target)
+                    if any(_key(x) == key and x["seed"] == seed and x.get("budget") == _budget(args) for x in raw):
+                        print(f"  {target:.0%} {args.label or mode} {crit} seed {seed}: done, skipped", flush=True)
+                        continue
                     r = run_one(model, ds, seed, target, crit, steps, args, ds_test)
-                    r.update(dataset=ds_name, model=name, criterion=crit, mode=args.label or mode, target_flops=target,
-                             seed=seed)
-                    raw.append(r)
-                    accs.append(r["accuracy"])
-                    rs.append(r)
-                key = (ds_name, name, crit, args.label or mode, target)
-                rows = [x for x in rows if (x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"])
-                        != key]
-                raw = [x for x in raw if (x["dataset"], x["model"], x["criterion"], x["mode"], x["target_flops"])
-                       != key or x in rs]
-                row = {"dataset": ds_name, "model": name, "criterion": crit, "mode": args.label or mode,
-                       "target_flops": target,
-                       "accuracy_mean": statistics.mean(accs),
-                       "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
-                       "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rs),
-                       "budget": _budget(args)}
-                rows.append(row)
-                print(f"  {target:.0%} {mode:>9} {crit:>12}: {100 * row['accuracy_mean']:.2f} ± "
-                      f"{100 * row['accuracy_std']:.2f}", flush=True)
-                save(args.out, _payload(args, rows, raw, partial=True))
+                    r.update(dataset=ds_name, model=name, criterion=crit, mode=args.label or mode,
+                             target_flops=target, seed=seed, budget=_budget(args))
+                    # runs of this cell made with another budget are dropped, never pooled with this one
+                    raw = [x for x in raw if not (_key(x) == key and (x["seed"] == seed
+                                                                      or x.get("budget") != r["budget"]))] + [r]
+                    rows = [x for x in rows if _key(x) != key] + [_row(key, raw, args)]
+                    print(f"  {target:.0%} {args.label or mode:>9} {crit:>12} seed {seed}: "
+                          f"{100 * r['accuracy']:.2f} ({r['seconds']:.0f} s)", flush=True)
+                    save(args.out, _payload(args, rows, raw, partial=True))
     path = save(args.out, _payload(args, rows, raw, partial=False))
     print("wrote", path)
+
+
+def _row(key, raw, args):
+    """The summary row of one cell, from every run of that cell recorded with this budget."""
+    rs = [x for x in raw if _key(x) == key and x.get("budget") == _budget(args)]
+    accs = [x["accuracy"] for x in rs]
+    ds_name, name, crit, mode, target = key
+    return {"dataset": ds_name, "model": name, "criterion": crit, "mode": mode, "target_flops": target,
+            "accuracy_mean": statistics.mean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "seeds": len(accs), "flops_ratio_mean": statistics.mean(x["flops_ratio"] for x in rs),
+            "budget": _budget(args)}
 
 
 def _budget(args):

@@ -178,10 +178,14 @@ def test_accuracy_table_bolds_complete_columns_and_states_the_iterative_budget()
                                                              "test_samples": 5}}
 
     rows = [row("one-shot", "oba", 0.5, 0.9), row("one-shot", "taylor", 0.5, 0.8),
-            row("iterative", "oba", 0.5, 0.7)]  # taylor was not run iteratively: that column is incomplete
+            row("iterative", "oba", 0.5, 0.7), row("iterative", "taylor", 0.5, 0.6),
+            row("iterative", "oba", 0.3, 0.5),  # taylor was not run iteratively at 30%: that column is incomplete
+            row("full-budget", "oba+compensate", 0.5, 0.95)]  # a column of one criterion: nothing to bold
     d = {"description": "x", "machine": {}, "command": "c", "iterative_steps": 5, "rows": rows}
     text = "\n".join(_report_module().accuracy(d))
-    assert "| one-shot | oba | **90.00 ± 1.00** |" in text and "| iterative | oba | 70.00 ± 1.00 |" in text
+    assert "| one-shot | oba | **90.00 ± 1.00** |" in text and "| iterative | oba | **70.00 ± 1.00** | 50.00 ± 1.00 |" \
+        in text
+    assert "| full-budget | oba+compensate | 95.00 ± 1.00 |" in text
     assert "prune in 5 steps" in text and "fine-tune once after the last step" in text
     d["iterative_steps"] = 1  # one epoch divides into one step
     assert "equal share of the epochs" in "\n".join(_report_module().accuracy(d))
@@ -237,3 +241,99 @@ def test_post_option_rule_by_hand():
                          "batchnorm+compensation": [0.69, 0.79, 0.89]})
     assert not rep.recommend_post({"models": [cnn2, vit]}, "magnitude")["compensate"]["on"]
     assert rep.recommend_post({"models": [cnn]}, "oba") == {}
+
+
+def _acc_run(crit, seed, a, mode="full-budget", t=0.5):
+    return {"dataset": "d", "model": "m", "criterion": crit, "mode": mode, "target_flops": t, "seed": seed,
+            "accuracy": a}
+
+
+def test_accuracy_column_statistics_by_hand():
+    """Drop from the original with its 95% t-interval, and the differences paired by seed, by hand."""
+    rep = _report_module()
+    runs = [_acc_run("magnitude", 0, 0.90), _acc_run("magnitude", 1, 0.92), _acc_run("magnitude", 2, 0.91),
+            _acc_run("oba", 0, 0.92), _acc_run("oba", 1, 0.93), _acc_run("oba", 2, 0.93),
+            _acc_run("taylor", 0, 0.80), _acc_run("taylor", 1, 0.99),  # two seeds, widely spread
+            _acc_run("oba", 0, 0.10, mode="one-shot")]  # another column: ignored
+    col = rep.column_stats(runs, "d", "m", "full-budget", 0.5, 0.94)
+    # magnitude drops 0.04, 0.02, 0.03: mean 0.03, sd 0.01, t(2) = 4.303
+    m, h, n = col["drop"]["magnitude"]
+    assert (m, n) == (pytest.approx(0.03), 3) and h == pytest.approx(4.303 * 0.01 / 3 ** 0.5, rel=1e-3)
+    # oba − magnitude per seed 0.02, 0.01, 0.02: mean 0.01667, sd 0.005774
+    m, h, n, sig = col["pairs"]["oba", "magnitude"]
+    assert m == pytest.approx(0.05 / 3) and h == pytest.approx(4.303 * 0.005774 / 3 ** 0.5, rel=1e-3) and sig
+    assert col["pairs"]["magnitude", "oba"][0] == pytest.approx(-0.05 / 3)
+    # taylor − magnitude at seeds 0, 1: -0.10, +0.07, t(1) = 12.706: not significant
+    m, h, n, sig = col["pairs"]["taylor", "magnitude"]
+    assert n == 2 and m == pytest.approx(-0.015) and not sig
+    assert rep.column_stats(runs, "d", "m", "full-budget", 0.3, 0.94) == {}
+    line = rep.column_lines("full-budget", 0.5, col)[0]
+    assert "Significant of 3 paired differences: oba − magnitude +1.67" in line and "taylor 4.50" in line  # drops 0.14, -0.05
+    assert "(2 seeds)" in line  # the two-seed criterion is marked
+
+
+def test_full_budget_findings_state_the_claim_and_significance():
+    rep = _report_module()
+    runs = [_acc_run("magnitude", s, a) for s, a in enumerate((0.935, 0.936, 0.937))] + \
+           [_acc_run("oba", s, a) for s, a in enumerate((0.90, 0.91, 0.92))]
+    rows = [{"dataset": "d", "model": "m", "criterion": "original", "mode": "-", "target_flops": 1.0,
+             "accuracy_mean": 0.938},
+            *({"dataset": "d", "model": "m", "criterion": c, "mode": "full-budget", "target_flops": 0.5,
+               "accuracy_mean": a} for c, a in (("magnitude", 0.936), ("oba", 0.91)))]
+    (line,) = rep.regime_findings({"rows": rows, "runs": runs})
+    # magnitude drops 0.3, 0.2, 0.1 points: mean 0.2 ± 0.25, upper end 0.45 > 0.3: not excluded, not shown within
+    assert "smallest drop magnitude 0.20 ± 0.25" in line and "is not excluded by its 95% interval" in line
+    assert "magnitude − oba +2.60" in line
+    runs[:3] = [_acc_run("magnitude", s, 0.937) for s in range(3)]  # drop 0.1 every seed: ± 0
+    assert "is within its 95% interval" in rep.regime_findings({"rows": rows, "runs": runs})[0]
+    # a cheap column gets no such line
+    assert rep.regime_findings({"rows": [dict(r, mode="one-shot") for r in rows], "runs": runs}) == []
+
+
+def test_accuracy_grid_is_seed_major_saves_each_run_and_resumes(tmp_path, monkeypatch):
+    """Every run is saved as it ends; a second invocation skips the recorded runs and pools the new seed; runs
+    recorded with another budget are dropped, not pooled."""
+    import json
+    import types
+
+    acc = _bench_module("accuracy")
+    order = []
+
+    def fake_run(model, ds, seed, target, crit, steps, args, test):
+        order.append((seed, crit))
+        return {"accuracy": 0.5 + 0.01 * seed + (0.1 if crit == "oba" else 0.0), "loss": 1.0, "flops_ratio": target,
+                "params_ratio": 0.6, "seconds": 0.0}
+
+    saved = {}
+    monkeypatch.setattr(acc, "run_one", fake_run)
+    monkeypatch.setattr(acc, "save", lambda name, payload: saved.__setitem__(name, json.loads(json.dumps(payload))))
+    monkeypatch.setattr(acc.oba_fx, "get_dataset", lambda *a, **k: types.SimpleNamespace(test=lambda bs: None))
+    monkeypatch.setattr(acc.oba_fx, "evaluate", lambda m, t: {"accuracy": 0.9, "loss": 0.3})
+    monkeypatch.setitem(sys.modules, "models_zoo", types.SimpleNamespace(trained=lambda name, data=None: None))
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(acc, "RESULTS", results, raising=False)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", results)
+
+    def invoke(*extra):
+        monkeypatch.setattr(sys, "argv", ["accuracy.py", "--models", "m", "--targets", "0.5", "--modes", "one-shot",
+                                          "--label", "full-budget", "--out", "grid", *extra])
+        acc.main()
+        (results / "grid.json").write_text(json.dumps(saved["grid"]))
+        return saved["grid"]
+
+    d = invoke("--criteria", "magnitude", "oba", "--seeds", "0", "1")
+    assert order == [(0, "magnitude"), (0, "oba"), (1, "magnitude"), (1, "oba")]  # seed-major
+    assert not d["partial"] and {r["seeds"] for r in d["rows"] if r["criterion"] != "original"} == {2}
+    order.clear()
+    d = invoke("--criteria", "magnitude", "oba", "--seeds", "0", "1", "2", "--resume")
+    assert order == [(2, "magnitude"), (2, "oba")]  # seeds 0 and 1 were recorded: skipped
+    oba = next(r for r in d["rows"] if r["criterion"] == "oba")
+    assert oba["seeds"] == 3 and oba["accuracy_mean"] == pytest.approx(0.61) and len(d["runs"]) == 6
+    order.clear()
+    d = invoke("--criteria", "oba", "--seeds", "0", "--resume", "--finetune-epochs", "2")  # another budget
+    assert order == [(0, "oba")]
+    oba = next(r for r in d["rows"] if r["criterion"] == "oba")
+    assert oba["seeds"] == 1 and oba["budget"]["finetune_epochs"] == 2 and len(d["runs"]) == 4
