@@ -572,6 +572,24 @@ def _write(out: Path, header: dict, rows: list[dict]) -> None:
                      "rows": merge_rows(old.get("rows", []), rows)})
 
 
+def compare(old: list[dict], new: list[dict]) -> tuple[list[str], bool]:
+    """Rows whose (status, mode) differ between two sweeps, and whether any passing row stopped passing."""
+    key = lambda r: (r["suite"], r["model"], r["criterion"])  # noqa: E731
+    a, b = {key(r): r for r in old}, {key(r): r for r in new}
+    lines, regressed = [], False
+    for k in sorted(set(a) | set(b)):
+        was = (a[k]["status"], a[k].get("mode")) if k in a else None
+        now = (b[k]["status"], b[k].get("mode")) if k in b else None
+        if was == now:
+            continue
+        lost = was is not None and was[0] == "pass" and (now is None or now[0] != "pass")
+        regressed |= lost
+        fmt = lambda x: "missing" if x is None else f"{x[0]} ({x[1]})"  # noqa: E731
+        why = f" - {b[k].get('failed_stage')}: {b[k].get('reason')}" if now and now[0] != "pass" else ""
+        lines.append(f"{'REGRESSED ' if lost else ''}{' '.join(k)}: {fmt(was)} -> {fmt(now)}{why}")
+    return lines, regressed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["torchvision", "timm", "all"], default="all")
@@ -592,9 +610,16 @@ def main(argv=None):
                     help="testing: that worker kills itself (SIGSEGV) when STAGE starts")
     ap.add_argument("--inject-hang", metavar="MODEL[:CRITERION]:STAGE",
                     help="testing: that worker hangs when STAGE starts (until --timeout)")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                    help="print every (suite, model, criterion) whose status or mode differs between two results "
+                         "files and exit 1 if a row that passed in OLD does not pass in NEW (or is missing)")
     ap.add_argument("--worker", nargs=5, metavar=("SUITE", "MODEL", "TASK", "CRITERION", "ROW_JSON"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.compare:
+        lines, regressed = compare(_read(args.compare[0]).get("rows", []), _read(args.compare[1]).get("rows", []))
+        print("\n".join(lines) or "same status and mode for every row")
+        return 1 if regressed else 0
     if args.worker:
         import warnings
 

@@ -113,6 +113,28 @@ def test_rows_merge_by_suite_model_and_criterion():
         ("timm", "magnitude", "pass"), ("torchvision", "oba", "pass"), ("timm", "oba", "pass")]
 
 
+def test_compare_two_sweeps(tmp_path):
+    """Status or mode changes are listed; a pass that no longer passes (or vanished) is a regression."""
+    cov = _bench("coverage")
+
+    def row(model, status, mode="full", crit="oba"):
+        return {"suite": "timm", "model": model, "criterion": crit, "status": status, "mode": mode,
+                "failed_stage": None if status == "pass" else "onnx", "reason": None if status == "pass" else "1e-3"}
+
+    old = [row("a", "pass"), row("b", "fail"), row("c", "pass"), row("d", "pass"), row("e", "pass", crit="magnitude")]
+    new = [row("a", "pass"), row("b", "pass"), row("c", "pass", mode="meta"), row("e", "fail", crit="magnitude")]
+    lines, regressed = cov.compare(old, new)
+    assert regressed and lines == ["timm b oba: fail (full) -> pass (full)", "timm c oba: pass (full) -> pass (meta)",
+                                   "REGRESSED timm d oba: pass (full) -> missing",
+                                   "REGRESSED timm e magnitude: pass (full) -> fail (full) - onnx: 1e-3"]
+    assert cov.compare(old, old) == ([], False)
+    assert cov.compare(old[1:2], new[1:2]) == (["timm b oba: fail (full) -> pass (full)"], False)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rows": old}))
+    b.write_text(json.dumps({"rows": new}))
+    assert cov.main(["--compare", str(a), str(b)]) == 1 and cov.main(["--compare", str(a), str(a)]) == 0
+
+
 def test_unknown_model_and_criterion_are_refused(tmp_path):
     cov = _bench("coverage")
     with pytest.raises(SystemExit, match=r"unknown model\(s\) \['nope'\]"):
