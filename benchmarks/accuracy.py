@@ -141,10 +141,14 @@ def main():
                 model = _train_cifar(name, ds)
             base = oba_fx.evaluate(model, ds_test)
             print(f"== {ds_name} {name}: original accuracy {base['accuracy']:.4f}", flush=True)
+            # a labelled regime (full-budget) keeps its own original row: it may be measured on another test set
+            # or another training of the checkpoint than the cheap columns
+            orig_mode = args.label or "-"
             rows = [x for x in rows if not (x["dataset"] == ds_name and x["model"] == name
-                                            and x["criterion"] == "original")]
-            rows.append({"dataset": ds_name, "model": name, "criterion": "original", "mode": "-", "target_flops": 1.0,
-                         "accuracy_mean": base["accuracy"], "accuracy_std": 0.0, "seeds": 1})
+                                            and x["criterion"] == "original" and x["mode"] == orig_mode)]
+            rows.append({"dataset": ds_name, "model": name, "criterion": "original", "mode": orig_mode,
+                         "target_flops": 1.0, "accuracy_mean": base["accuracy"], "accuracy_std": 0.0, "seeds": 1,
+                         "test_samples": args.test_samples})
             # seed-major order: a grid cut short still holds every criterion at the seeds it finished, so the
             # differences paired by seed can be taken; each run is saved as soon as it ends (--resume skips it)
             for target, mode in itertools.product(args.targets, args.modes):
@@ -206,6 +210,10 @@ def merge(out, names):
     base.setdefault("commands", [base.get("command", "")])
     others = [backfill(json.loads((RESULTS / f"{name}.json").read_text())) for name in names]
     for name, other in zip(names, others):
+        label = other.get("settings", {}).get("label")
+        for r in other["rows"]:  # files written before originals were kept per labelled regime
+            if label and r["criterion"] == "original" and r["mode"] == "-":
+                r["mode"] = label
         if other.get("partial"):
             print(f"note: {name} is a partial run; merging the cells it finished")
         keys = {_key(r) for r in other["rows"]}

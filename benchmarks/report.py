@@ -256,7 +256,7 @@ def accuracy(d: dict) -> list[str]:
     rows = d["rows"]
     for ds, model in dict.fromkeys((r["dataset"], r["model"]) for r in rows):
         sub = [r for r in rows if r["dataset"] == ds and r["model"] == model]
-        base = next((r for r in sub if r["criterion"] == "original"), None)
+        base = original(sub, ds, model, "-")
         targets = sorted({r["target_flops"] for r in sub if r["criterion"] != "original"}, reverse=True)
         budgets = list({json.dumps(r["budget"], sort_keys=True) for r in sub if r.get("budget")})
         budget = ""
@@ -300,10 +300,13 @@ def accuracy(d: dict) -> list[str]:
                 cells.append(f"**{cell}**" if r["accuracy_mean"] == best and ":" not in crit else cell)
             out.append(f"| {mode} | {crit} | " + " | ".join(cells) + " |")
         out.append("")
-        base_acc = base["accuracy_mean"] if base else None
         for mode in dict.fromkeys(m for m, _ in keys):
+            own = original(sub, ds, model, mode)
+            if own is not None and own is not base:
+                out.append(f"- {mode}: the original measures {100 * own['accuracy_mean']:.2f}% on the test images "
+                           "of this regime; its drops are taken from that.")
             for t in targets:
-                col = column_stats(d.get("runs", []), ds, model, mode, t, base_acc)
+                col = column_stats(d.get("runs", []), ds, model, mode, t, own["accuracy_mean"] if own else None)
                 if col:
                     out += column_lines(mode, t, col)
         out.append("")
@@ -313,6 +316,12 @@ def accuracy(d: dict) -> list[str]:
             "criteria, paired by seed, whose 95% interval excludes 0. The intervals are not corrected for "
             "multiple comparisons: of 36 pairs with no true difference, about 2 would appear here by chance.", ""]
     return out
+
+
+def original(rows: list, ds: str, model: str, mode: str):
+    """The unpruned model's row for a budget regime: its own when the regime recorded one, else the shared one."""
+    cand = [r for r in rows if (r["dataset"], r["model"], r["criterion"]) == (ds, model, "original")]
+    return next((r for r in cand if r["mode"] == mode), next((r for r in cand if r["mode"] == "-"), None))
 
 
 def _t95(n: int) -> float:
@@ -619,7 +628,7 @@ def regime_findings(acc: dict) -> list[str]:
     rows = acc["rows"]
     for ds, model, mode, t in dict.fromkeys((r["dataset"], r["model"], r["mode"], r["target_flops"]) for r in rows
                                             if r["criterion"] != "original" and r["mode"] not in CHEAP_MODES):
-        base = next((r for r in rows if (r["dataset"], r["model"], r["criterion"]) == (ds, model, "original")), None)
+        base = original(rows, ds, model, mode)
         if base is None:
             continue
         col = column_stats(acc.get("runs", []), ds, model, mode, t, base["accuracy_mean"])

@@ -288,6 +288,33 @@ def test_full_budget_findings_state_the_claim_and_significance():
     assert "is within its 95% interval" in rep.regime_findings({"rows": rows, "runs": runs})[0]
     # a cheap column gets no such line
     assert rep.regime_findings({"rows": [dict(r, mode="one-shot") for r in rows], "runs": runs}) == []
+    # a regime's own original (another test set) is the one its drops are taken from
+    own = dict(rows[0], mode="full-budget", accuracy_mean=0.947)
+    assert "smallest drop magnitude 1.00 ± 0.00" in rep.regime_findings({"rows": rows + [own], "runs": runs})[0]
+    shown = [dict(r, accuracy_std=0.0, seeds=3) for r in rows + [own]]
+    text = "\n".join(rep.accuracy({"description": "x", "machine": {}, "rows": shown, "runs": runs}))
+    assert "### m on d (original: 93.80%)" in text and "the original measures 94.70%" in text
+
+
+def test_merge_keeps_a_labelled_regimes_original_apart(tmp_path, monkeypatch):
+    import json
+
+    acc = _bench_module("accuracy")
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+
+    def orig(a, mode="-"):
+        return {"dataset": "d", "model": "m", "criterion": "original", "mode": mode, "target_flops": 1.0,
+                "accuracy_mean": a}
+
+    (tmp_path / "base.json").write_text(json.dumps({"rows": [orig(0.92)], "runs": [], "settings": {}}))
+    # written before originals were kept per regime: its original row says "-"
+    (tmp_path / "full.json").write_text(json.dumps({"rows": [orig(0.93)], "runs": [],
+                                                    "settings": {"label": "full-budget"}}))
+    acc.merge("base", ["full"])
+    rows = json.loads((tmp_path / "base.json").read_text())["rows"]
+    assert sorted((r["mode"], r["accuracy_mean"]) for r in rows) == [("-", 0.92), ("full-budget", 0.93)]
 
 
 def test_accuracy_grid_is_seed_major_saves_each_run_and_resumes(tmp_path, monkeypatch):
