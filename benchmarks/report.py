@@ -336,7 +336,7 @@ def column_stats(runs: list, ds: str, model: str, mode: str, target: float, orig
 
     ``drop``: per criterion, original − accuracy, mean and 95% half-width over seeds (the original is one fixed
     model, so this is the accuracy's own interval). ``pairs``: for every two criteria run at two or more common
-    seeds, a − b paired by seed: (mean, half-width, seeds, significant).
+    seeds, a − b paired by seed: (mean, half-width, seeds, significant: 3 or more seeds and 0 outside).
     """
     import itertools
     import statistics
@@ -359,7 +359,9 @@ def column_stats(runs: list, ds: str, model: str, mode: str, target: float, orig
         common = sorted(set(acc[a]) & set(acc[b]))
         if len(common) >= 2:
             mean, half, n = ci([acc[a][sd] - acc[b][sd] for sd in common])
-            pairs[a, b] = (mean, half, n, abs(mean) > half)
+            # significance needs 3 seeds: with 2, equal differences (accuracy moves in steps of 1/test images)
+            # give a zero-width interval
+            pairs[a, b] = (mean, half, n, n >= 3 and abs(mean) > half)
     return {"drop": drop, "pairs": pairs}
 
 
