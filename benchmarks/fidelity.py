@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from common import command_line, save
+from report import t95  # the one t-quantile helper of the benchmarks
 
 import oba_fx  # noqa: E402  (common puts the repo on sys.path)
 
@@ -226,12 +227,6 @@ class _Memo:
         self.comp.group_scores = self.orig_scores
 
 
-def _t95(n):
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
 def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, progress=True):
     """Rows (seed, criterion, target) with the held-out accuracy/loss of one removal evaluated three ways."""
     with warnings.catch_warnings():
@@ -287,7 +282,7 @@ def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, pro
                             + f" ({t_compress:.0f} s)", flush=True)
     return {"original": {"accuracy": base["accuracy"], "loss": base["loss"]}, "seeds": list(seeds),
             "targets": list(targets), "criteria": list(criteria), "ways": list(WAYS), "rows": rows,
-            "t95": {str(n): _t95(n) for n in range(2, len(seeds) + 1)}}
+            "t95": {str(n): t95(n) for n in range(2, len(seeds) + 1)}}
 
 
 def main_oneshot(args):

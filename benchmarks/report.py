@@ -106,6 +106,13 @@ def fidelity(d: dict) -> list[str]:
 ONESHOT_BASELINE = ("magnitude", "batchnorm")
 
 
+def t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for a mean of ``n`` values (nan for one value)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
 def _mean_ci(vals, t95):
     import statistics
 
@@ -290,9 +297,9 @@ def accuracy(d: dict) -> list[str]:
                     continue
                 col = [x for x in sub if x["mode"] == mode and x["target_flops"] == t]
                 # complete: every plain criterion run on this model in this mode has a row in this column
-                complete = {x["criterion"] for x in col if ":" not in x["criterion"]} >= \
-                    {x["criterion"] for x in sub if x["mode"] == mode and ":" not in x["criterion"]}
-                complete = complete and len({x["criterion"] for x in col if ":" not in x["criterion"]}) > 1
+                here = {x["criterion"] for x in col if ":" not in x["criterion"]}
+                complete = len(here) > 1 and here >= {x["criterion"] for x in sub
+                                                      if x["mode"] == mode and ":" not in x["criterion"]}
                 best = max(x["accuracy_mean"] for x in col if ":" not in x["criterion"]) if complete else None
                 cell = f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}"
                 if r["seeds"] < 3:
@@ -311,10 +318,11 @@ def accuracy(d: dict) -> list[str]:
                     out += column_lines(mode, t, col)
         out.append("")
     out += ["Bold: best mean in its column and mode (complete columns of two or more criteria only: every "
-            "criterion run on that model in that mode has a row there; an empty cell was not measured). Below each table, per column: the drop "
-            "from the unpruned model with its 95% t-interval over seeds, and every difference between two "
-            "criteria, paired by seed, whose 95% interval excludes 0. The intervals are not corrected for "
-            "multiple comparisons: of 36 pairs with no true difference, about 2 would appear here by chance.", ""]
+            "criterion run on that model in that mode has a row there; an empty cell was not measured). Below "
+            "each table, per column: the drop from the unpruned model with its 95% t-interval over seeds, and every difference between two "
+            "criteria, paired by seed (3 or more seeds), whose 95% interval excludes 0. The intervals are not "
+            "corrected for multiple comparisons: with no true difference, 5% of the pairs would appear by chance.",
+            ""]
     return out
 
 
@@ -322,13 +330,6 @@ def original(rows: list, ds: str, model: str, mode: str):
     """The unpruned model's row for a budget regime: its own when the regime recorded one, else the shared one."""
     cand = [r for r in rows if (r["dataset"], r["model"], r["criterion"]) == (ds, model, "original")]
     return next((r for r in cand if r["mode"] == mode), next((r for r in cand if r["mode"] == "-"), None))
-
-
-def _t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for a mean of ``n`` values."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
 
 
 def column_stats(runs: list, ds: str, model: str, mode: str, target: float, original: float | None) -> dict:
@@ -339,7 +340,6 @@ def column_stats(runs: list, ds: str, model: str, mode: str, target: float, orig
     seeds, a − b paired by seed: (mean, half-width, seeds, significant: 3 or more seeds and 0 outside).
     """
     import itertools
-    import statistics
 
     col = [r for r in runs if (r["dataset"], r["model"], r["mode"], r["target_flops"]) == (ds, model, mode, target)]
     acc = {}
@@ -349,9 +349,7 @@ def column_stats(runs: list, ds: str, model: str, mode: str, target: float, orig
         return {}
 
     def ci(vals):
-        n = len(vals)
-        mean = statistics.mean(vals)
-        return mean, (_t95(n) * statistics.stdev(vals) / n ** 0.5 if n > 1 else float("nan")), n
+        return (*_mean_ci(vals, {str(len(vals)): t95(len(vals))}), len(vals))
 
     drop = {c: ci([original - a for a in v.values()]) for c, v in acc.items()} if original is not None else {}
     pairs = {}
@@ -376,7 +374,9 @@ def _significant(pairs: dict) -> str:
     """The paired differences whose 95% interval excludes 0, each once (the larger minus the smaller)."""
     sig = [f"{a} − {b} {100 * m:+.2f} ± {100 * h:.2f} ({n} seeds)" for (a, b), (m, h, n, s) in pairs.items()
            if s and m > 0]
-    return f"Significant of {len(pairs) // 2} paired differences: " + ("; ".join(sig) if sig else "none") + "."
+    n = len(pairs) // 2
+    return (f"Significant of {n} paired differences (about {0.05 * n:.1f} expected by chance): "
+            + ("; ".join(sig) if sig else "none") + ".")
 
 
 def speedup(d: dict) -> list[str]:

@@ -267,8 +267,13 @@ def test_accuracy_column_statistics_by_hand():
     m, h, n, sig = col["pairs"]["taylor", "magnitude"]
     assert n == 2 and m == pytest.approx(-0.015) and not sig
     assert rep.column_stats(runs, "d", "m", "full-budget", 0.3, 0.94) == {}
+    # two seeds with equal differences: a zero-width interval, which is not evidence
+    two = [_acc_run("a", 0, 0.91), _acc_run("a", 1, 0.93), _acc_run("b", 0, 0.90), _acc_run("b", 1, 0.92)]
+    m, h, n, sig = rep.column_stats(two, "d", "m", "full-budget", 0.5, 0.94)["pairs"]["a", "b"]
+    assert (n, h) == (2, pytest.approx(0.0, abs=1e-12)) and m == pytest.approx(0.01) and not sig
     line = rep.column_lines("full-budget", 0.5, col)[0]
-    assert "Significant of 3 paired differences: oba − magnitude +1.67" in line and "taylor 4.50" in line  # drops 0.14, -0.05
+    assert "Significant of 3 paired differences (about 0.2 expected by chance): oba − magnitude +1.67" in line
+    assert "taylor 4.50" in line  # drops 0.14, -0.05
     assert "(2 seeds)" in line  # the two-seed criterion is marked
 
 
