@@ -367,7 +367,14 @@ def column_lines(mode: str, t: float, col: dict) -> list[str]:
     drops = "; ".join(f"{c} {100 * m:.2f} ± {100 * h:.2f}" + (f" ({n} seed{'s' * (n > 1)})" if n < 3 else "")
                       for c, (m, h, n) in sorted(col["drop"].items(), key=lambda kv: kv[1][0]))
     line = f"- {mode} {t:.0%}: drop from the original, points: {drops}." if drops else f"- {mode} {t:.0%}:"
-    return [line + (" " + _significant(col["pairs"]) if col["pairs"] else "")]
+    out = [line + (" " + _significant(col["pairs"]) if col["pairs"] else "")]
+    # the rewrite option against the same criterion without it, paired by seed
+    comp = [(c, col["pairs"][c + "+compensate", c]) for c in sorted(col["drop"]) if (c + "+compensate", c) in col["pairs"]]
+    if comp:
+        out.append(f"- {mode} {t:.0%}, compensation (criterion+compensate − criterion, paired by seed, points): "
+                   + "; ".join(f"{c} {100 * m:+.2f} ± {100 * h:.2f} ({n} seeds{', significant' if s else ''})"
+                               for c, (m, h, n, s) in comp) + ".")
+    return out
 
 
 def _significant(pairs: dict) -> str:

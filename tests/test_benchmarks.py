@@ -275,6 +275,12 @@ def test_accuracy_column_statistics_by_hand():
     assert "Significant of 3 paired differences (about 0.2 expected by chance): oba − magnitude +1.67" in line
     assert "taylor 4.50" in line  # drops 0.14, -0.05
     assert "(2 seeds)" in line  # the two-seed criterion is marked
+    assert len(rep.column_lines("full-budget", 0.5, col)) == 1  # no "+compensate" runs: no compensation line
+    # with and without compensation, paired by seed: +0.02, +0.03, +0.03 -> mean 0.02667, sd 0.005774
+    comp = runs + [_acc_run("magnitude+compensate", s, a) for s, a in enumerate((0.92, 0.95, 0.94))]
+    lines = rep.column_lines("full-budget", 0.5, rep.column_stats(comp, "d", "m", "full-budget", 0.5, 0.94))
+    assert lines[1] == ("- full-budget 50%, compensation (criterion+compensate − criterion, paired by seed, points): "
+                        f"magnitude +2.67 ± {100 * 4.303 * 0.005774 / 3 ** 0.5:.2f} (3 seeds, significant).")
 
 
 def test_full_budget_findings_state_the_claim_and_significance():
