@@ -265,7 +265,7 @@ def accuracy(d: dict) -> list[str]:
         sub = [r for r in rows if r["dataset"] == ds and r["model"] == model]
         base = original(sub, ds, model, "-")
         targets = sorted({r["target_flops"] for r in sub if r["criterion"] != "original"}, reverse=True)
-        budgets = list({json.dumps(r["budget"], sort_keys=True) for r in sub if r.get("budget")})
+        budgets = list(dict.fromkeys(json.dumps(r["budget"], sort_keys=True) for r in sub if r.get("budget")))  # row order, not set order
         budget = ""
         if budgets:
             bd = [json.loads(x) for x in budgets]
