@@ -27,13 +27,12 @@ import warnings
 
 import torch
 
-from common import command_line, save
+from common import COMP, command_line, save
 
 import oba_fx  # noqa: E402
 
 CRITERIA = ["oba", "oba-network", "group-exact", "taylor", "obd", "magnitude", "random"]
-#: A criterion name ending in this runs with ``compensate=True`` (least-squares refit of the consumers).
-COMP = "+compensate"
+# A criterion name ending in common.COMP runs with compensate=True (least-squares refit of the consumers).
 
 
 @functools.lru_cache(maxsize=4)

@@ -16,6 +16,26 @@ sys.path.insert(0, str(ROOT.parent))
 
 from oba_fx.io import write_json  # noqa: E402
 
+COMP = "+compensate"  # suffix naming a criterion run with compensate=True ("oba+compensate")
+
+
+def t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for a mean of ``n`` values (nan for one value)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+def mean_ci(vals, t95: dict):
+    """Mean of ``vals`` and the half-width of its 95% interval, from a table ``{str(n): t-quantile}``
+    (the table is stored in the result JSON, so a report needs no scipy); nan half-width for one value."""
+    import statistics
+
+    n = len(vals)
+    mean = statistics.mean(vals)
+    half = t95[str(n)] * statistics.stdev(vals) / n ** 0.5 if n > 1 else float("nan")
+    return mean, half
+
 
 def machine() -> dict:
     """What the numbers were measured on."""

@@ -38,8 +38,7 @@ import warnings
 import numpy as np
 import torch
 
-from common import command_line, save
-from report import t95  # the one t-quantile helper of the benchmarks
+from common import command_line, save, t95
 
 import oba_fx  # noqa: E402  (common puts the repo on sys.path)
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))  # the shared `common` module, however this file is loaded
 
 from oba_fx.io import write_text  # noqa: E402
+
+from common import COMP, mean_ci, t95  # noqa: E402
 
 
 def _machine(m: dict) -> str:
@@ -106,22 +109,6 @@ def fidelity(d: dict) -> list[str]:
 ONESHOT_BASELINE = ("magnitude", "batchnorm")
 
 
-def t95(n: int) -> float:
-    """Two-sided 95% Student-t quantile for a mean of ``n`` values (nan for one value)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
-def _mean_ci(vals, t95):
-    import statistics
-
-    n = len(vals)
-    mean = statistics.mean(vals)
-    half = t95[str(n)] * statistics.stdev(vals) / n ** 0.5 if n > 1 else float("nan")
-    return mean, half
-
-
 def paired(o: dict, t: float, a: tuple, b: tuple):
     """Accuracy of (criterion, way) ``a`` minus ``b`` at target ``t``, paired by seed: (mean, 95% half-width, n)."""
     acc = {(r["criterion"], w, r["seed"]): v["accuracy"] for r in o["rows"] if r["target_flops"] == t
@@ -129,7 +116,7 @@ def paired(o: dict, t: float, a: tuple, b: tuple):
     d = [acc[a + (sd,)] - acc[b + (sd,)] for sd in o["seeds"] if a + (sd,) in acc and b + (sd,) in acc]
     if not d:
         return None
-    mean, half = _mean_ci(d, o["t95"])
+    mean, half = mean_ci(d, o["t95"])
     return mean, half, len(d)
 
 
@@ -144,7 +131,7 @@ def oneshot_stats(o: dict) -> dict:
                         if r["target_flops"] == t and r["criterion"] == c and w in r["ways"]]
                 if not accs:
                     continue
-                mean, half = _mean_ci(accs, o["t95"])
+                mean, half = mean_ci(accs, o["t95"])
                 d_mean, d_half, n = paired(o, t, (c, w), ONESHOT_BASELINE) or (float("nan"), float("nan"), 0)
                 out[t, c, w] = {"mean": mean, "half": half, "n": len(accs), "diff": d_mean, "diff_half": d_half,
                                 "significant": bool(n > 1 and abs(d_mean) > d_half)}
@@ -349,7 +336,7 @@ def column_stats(runs: list, ds: str, model: str, mode: str, target: float, orig
         return {}
 
     def ci(vals):
-        return (*_mean_ci(vals, {str(len(vals)): t95(len(vals))}), len(vals))
+        return (*mean_ci(vals, {str(len(vals)): t95(len(vals))}), len(vals))
 
     drop = {c: ci([original - a for a in v.values()]) for c, v in acc.items()} if original is not None else {}
     pairs = {}
@@ -369,7 +356,7 @@ def column_lines(mode: str, t: float, col: dict) -> list[str]:
     line = f"- {mode} {t:.0%}: drop from the original, points: {drops}." if drops else f"- {mode} {t:.0%}:"
     out = [line + (" " + _significant(col["pairs"]) if col["pairs"] else "")]
     # the rewrite option against the same criterion without it, paired by seed
-    comp = [(c, col["pairs"][c + "+compensate", c]) for c in sorted(col["drop"]) if (c + "+compensate", c) in col["pairs"]]
+    comp = [(c, col["pairs"][c + COMP, c]) for c in sorted(col["drop"]) if (c + COMP, c) in col["pairs"]]
     if comp:
         out.append(f"- {mode} {t:.0%}, compensation (criterion+compensate − criterion, paired by seed, points): "
                    + "; ".join(f"{c} {100 * m:+.2f} ± {100 * h:.2f} ({n} seeds{', significant' if s else ''})"
@@ -537,7 +524,7 @@ def recommend(acc: dict) -> dict:
     # budget regime (mode: one-shot, iterative, full-budget ...), so a criterion measured in one regime only
     # neither wins by default nor empties the set of complete columns
     plain = [c for c in dict.fromkeys(r["criterion"] for r in rows)
-             if ":" not in c and not c.endswith("+compensate") and c != "random"]
+             if ":" not in c and not c.endswith(COMP) and c != "random"]
     regimes = {}  # a regime run with "+compensate" variants only constrains nothing
     for r in rows:
         if r["criterion"] in plain:
@@ -587,7 +574,7 @@ def recommend_post(fid: dict, criterion: str) -> dict:
                 diffs = [r["ways"][with_]["accuracy"] - r["ways"][without]["accuracy"] for r in rows]
                 if not diffs or all(d == 0 for d in diffs):
                     continue
-                mean, half = _mean_ci(diffs, o["t95"])
+                mean, half = mean_ci(diffs, o["t95"])
                 cells.append({"model": m["model"], "target": t, "diff": mean, "half": half,
                               "significant": bool(len(diffs) > 1 and abs(mean) > half)})
         if cells:
