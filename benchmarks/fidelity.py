@@ -321,7 +321,8 @@ def main_oneshot(args):
         by[name]["oneshot"] = dict(v, command=command_line(), machine=machine(), heldout_samples=args.heldout,
                                    calibration={"batches": args.calib_batches, "batch_size": args.calib_batch_size})
     old.pop("benchmark", None)  # save() writes it; the file's machine and commands stay those of the single part
-    old["commands"] = [c for c in old.get("commands", []) if "--oneshot" not in c] + [command_line()]
+    # a one-shot run of some models leaves the other models' one-shot entries, so their commands stay listed
+    old["commands"] = [c for c in old.get("commands", []) if c != command_line()] + [command_line()]
     print("wrote", save("fidelity", old))
 
 
