@@ -25,7 +25,7 @@ by this project, see ``models_zoo.trained``):
    results are kept).
 
     python benchmarks/fidelity.py [--models resnet20 vgg_small] [--smoke]
-    python benchmarks/fidelity.py --oneshot --models resnet20 vgg_small vit_small --seeds 0 1 2
+    python benchmarks/fidelity.py --oneshot --models resnet20 vgg_small vit_small --seeds 0 1 2 [--jobs 2]
 """
 from __future__ import annotations
 
@@ -284,31 +284,65 @@ def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, pro
             "t95": {str(n): t95(n) for n in range(2, len(seeds) + 1)}}
 
 
+def _oneshot_model(args, name, seeds, threads=None):
+    """The one-shot entry of one model over ``seeds`` (a worker of ``--jobs`` runs one seed)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    make, _, held = _data(args)
+    model = make(name)
+    if args.smoke:
+        def calib_for(seed, _g=torch.Generator()):
+            _g.manual_seed(seed)
+            return [(torch.randn(4, 1, 28, 28, generator=_g), torch.randint(0, 10, (4,), generator=_g))
+                    for _ in range(2)]
+    else:
+        spec = oba_fx.get_dataset("fashion-mnist", args.data)
+
+        def calib_for(seed, _s=spec):
+            return _s.calibration(args.calib_batches, args.calib_batch_size, seed=seed)
+    example = held[0][0][:2]
+    return oneshot(name, model, example, calib_for, held, args.criteria, args.targets, seeds,
+                   progress=not args.smoke)
+
+
+def _merge_seeds(parts):
+    """One entry from per-seed entries of the same model (rows in seed order, as one process writes them)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p["original"] != first["original"]:
+            raise RuntimeError("the per-seed workers evaluated different original models")
+    seeds = [s for p in parts for s in p["seeds"]]
+    return dict(first, seeds=seeds, rows=[r for p in parts for r in p["rows"]],
+                t95={str(n): t95(n) for n in range(2, len(seeds) + 1)})
+
+
 def main_oneshot(args):
     import json
 
     from common import RESULTS, machine
 
-    make, _, held = _data(args)
     out = {}
     for name in args.models:
         print(f"== {name} (one-shot, three ways)", flush=True)
-        model = make(name)
-        if args.smoke:
-            def calib_for(seed, _g=torch.Generator()):
-                _g.manual_seed(seed)
-                return [(torch.randn(4, 1, 28, 28, generator=_g), torch.randint(0, 10, (4,), generator=_g))
-                        for _ in range(2)]
-        else:
-            spec = oba_fx.get_dataset("fashion-mnist", args.data)
+        jobs = min(args.jobs, len(args.seeds))
+        if jobs > 1:  # one process per calibration seed; scores are memoised per seed, so nothing is lost
+            import concurrent.futures as cf
+            import multiprocessing as mp
+            import os
 
-            def calib_for(seed, _s=spec):
-                return _s.calibration(args.calib_batches, args.calib_batch_size, seed=seed)
-        example = held[0][0][:2]
-        out[name] = oneshot(name, model, example, calib_for, held, args.criteria, args.targets, args.seeds,
-                            progress=not args.smoke)
+            threads = 1 if args.smoke else max(1, (os.cpu_count() or 1) // jobs)
+            with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+                parts = list(pool.map(_oneshot_model, [args] * len(args.seeds), [name] * len(args.seeds),
+                                      [[s] for s in args.seeds], [threads] * len(args.seeds)))
+            out[name] = _merge_seeds(parts)
+        else:
+            out[name] = _oneshot_model(args, name, args.seeds)
     if args.smoke:
         assert all(len(v["rows"]) == len(args.criteria) * len(args.targets) * len(args.seeds) for v in out.values())
+        digest = [[r["seed"], r["criterion"], r["target_flops"], round(r["flops_ratio"], 9)]
+                  + [round(w["accuracy"], 9) for w in r["ways"].values()] for v in out.values() for r in v["rows"]]
+        print("smoke rows", json.dumps(digest))
         print("smoke ok")
         return
     path = RESULTS / "fidelity.json"
@@ -346,6 +380,9 @@ def main():
                     help="only the one-shot removal three ways (plain, BatchNorm re-estimated, compensated), over "
                          "--seeds; merged into results/fidelity.json")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration seeds for --oneshot")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="--oneshot: run the seeds in this many processes (CPU threads split among them); the "
+                         "result is the same as one process gives")
     args = ap.parse_args()
     if args.oneshot:
         if args.criteria == CRITERIA:

@@ -214,6 +214,9 @@ def oneshot(name: str, o: dict) -> list[str]:
                           f"**{diff}**" if diff and s_["significant"] else diff]
             out.append(f"| {c} | {w} | " + " | ".join(cells) + " |")
     out.append("")
+    if all(r["ways"]["batchnorm"] == r["ways"]["plain"] for r in o["rows"] if {"plain", "batchnorm"} <= set(r["ways"])):
+        out.append(f"- {name} has no BatchNorm: re-estimation changes nothing, so its batchnorm rows are the plain "
+                   "ones and the baseline is magnitude's plain removal.")
     for t in o["targets"]:
         g = gap_closed(o, st, t)
         if g is None:

@@ -1,6 +1,7 @@
 """Every benchmark script runs in a seconds-long smoke mode, so the scripts cannot rot."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,20 +10,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["fidelity.py", "fidelity.py --oneshot", "accuracy.py", "cost.py", "speedup.py"]
+SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "speedup.py"]  # fidelity --oneshot: see below
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke(script, tmp_path):
     results = ROOT / "benchmarks" / "results"
     before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
+    _smoke(script.split(), tmp_path)
+    after = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
+    assert after == before, "a smoke run must not overwrite recorded results"
+
+
+def _smoke(args, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OBA_FX_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, *script.split(), "--smoke"], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+    r = subprocess.run([sys.executable, *args, "--smoke"], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "smoke ok" in r.stdout
-    after = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
-    assert after == before, "a smoke run must not overwrite recorded results"
+    return r.stdout
+
+
+def test_fidelity_oneshot_smoke_in_one_process_and_per_seed_processes(tmp_path):
+    """``--jobs 2`` (one process per calibration seed) gives the rows one process gives, in the same order."""
+    results = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    rows = []
+    for jobs in ("1", "2"):
+        out = _smoke(["fidelity.py", "--oneshot", "--jobs", jobs], tmp_path)
+        (line,) = [ln for ln in out.splitlines() if ln.startswith("smoke rows ")]
+        rows.append(line)
+    assert rows[0] == rows[1]
+    assert len(json.loads(rows[0][len("smoke rows "):])) == 4  # 2 criteria x 1 target x 2 seeds
+    assert {p: p.stat().st_mtime_ns for p in results.glob("*.json")} == before
 
 
 def test_report_renders_every_result(tmp_path):
