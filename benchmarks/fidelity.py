@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -281,7 +282,11 @@ def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, pro
                             + f" ({t_compress:.0f} s)", flush=True)
     return {"original": {"accuracy": base["accuracy"], "loss": base["loss"]}, "seeds": list(seeds),
             "targets": list(targets), "criteria": list(criteria), "ways": list(WAYS), "rows": rows,
-            "t95": {str(n): t95(n) for n in range(2, len(seeds) + 1)}}
+            "t95": _t95_table(len(seeds))}
+
+
+def _t95_table(n_seeds):
+    return {str(n): t95(n) for n in range(2, n_seeds + 1)}
 
 
 def _oneshot_model(args, name, seeds, threads=None):
@@ -302,8 +307,9 @@ def _oneshot_model(args, name, seeds, threads=None):
         def calib_for(seed, _s=spec):
             return _s.calibration(args.calib_batches, args.calib_batch_size, seed=seed)
     example = held[0][0][:2]
-    return oneshot(name, model, example, calib_for, held, args.criteria, args.targets, seeds,
-                   progress=not args.smoke)
+    entry = oneshot(name, model, example, calib_for, held, args.criteria, args.targets, seeds,
+                    progress=not args.smoke)
+    return entry, os.getpid()
 
 
 def _merge_seeds(parts):
@@ -314,7 +320,7 @@ def _merge_seeds(parts):
             raise RuntimeError("the per-seed workers evaluated different original models")
     seeds = [s for p in parts for s in p["seeds"]]
     return dict(first, seeds=seeds, rows=[r for p in parts for r in p["rows"]],
-                t95={str(n): t95(n) for n in range(2, len(seeds) + 1)})
+                t95=_t95_table(len(seeds)))
 
 
 def main_oneshot(args):
@@ -322,27 +328,28 @@ def main_oneshot(args):
 
     from common import RESULTS, machine
 
-    out = {}
+    out, workers = {}, set()
     for name in args.models:
         print(f"== {name} (one-shot, three ways)", flush=True)
         jobs = min(args.jobs, len(args.seeds))
         if jobs > 1:  # one process per calibration seed; scores are memoised per seed, so nothing is lost
             import concurrent.futures as cf
             import multiprocessing as mp
-            import os
 
             threads = 1 if args.smoke else max(1, (os.cpu_count() or 1) // jobs)
             with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
                 parts = list(pool.map(_oneshot_model, [args] * len(args.seeds), [name] * len(args.seeds),
                                       [[s] for s in args.seeds], [threads] * len(args.seeds)))
-            out[name] = _merge_seeds(parts)
+            out[name] = _merge_seeds([e for e, _ in parts])
+            workers |= {pid for _, pid in parts}
         else:
-            out[name] = _oneshot_model(args, name, args.seeds)
+            out[name] = _oneshot_model(args, name, args.seeds)[0]
     if args.smoke:
         assert all(len(v["rows"]) == len(args.criteria) * len(args.targets) * len(args.seeds) for v in out.values())
         digest = [[r["seed"], r["criterion"], r["target_flops"], round(r["flops_ratio"], 9)]
                   + [round(w["accuracy"], 9) for w in r["ways"].values()] for v in out.values() for r in v["rows"]]
         print("smoke rows", json.dumps(digest))
+        print("smoke worker processes", len(workers - {os.getpid()}))
         print("smoke ok")
         return
     path = RESULTS / "fidelity.json"

@@ -15,34 +15,36 @@ SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "speedup.py"]  # fidelity --
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke(script, tmp_path):
-    results = ROOT / "benchmarks" / "results"
-    before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
     _smoke(script.split(), tmp_path)
-    after = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
-    assert after == before, "a smoke run must not overwrite recorded results"
 
 
 def _smoke(args, tmp_path):
+    """Run a script's smoke mode; it must succeed and leave the recorded results untouched."""
+    results = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
     env = dict(os.environ, PYTHONPATH=str(ROOT), OBA_FX_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, *args, "--smoke"], cwd=ROOT / "benchmarks", capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "smoke ok" in r.stdout
+    after = {p: p.stat().st_mtime_ns for p in results.glob("*.json")} if results.exists() else {}
+    assert after == before, "a smoke run must not overwrite recorded results"
     return r.stdout
 
 
 def test_fidelity_oneshot_smoke_in_one_process_and_per_seed_processes(tmp_path):
-    """``--jobs 2`` (one process per calibration seed) gives the rows one process gives, in the same order."""
-    results = ROOT / "benchmarks" / "results"
-    before = {p: p.stat().st_mtime_ns for p in results.glob("*.json")}
-    rows = []
+    """``--jobs 2`` runs the seeds in two worker processes and gives the rows one process gives, in order."""
+    rows, workers = [], []
     for jobs in ("1", "2"):
         out = _smoke(["fidelity.py", "--oneshot", "--jobs", jobs], tmp_path)
-        (line,) = [ln for ln in out.splitlines() if ln.startswith("smoke rows ")]
-        rows.append(line)
+        lines = out.splitlines()
+        (line,) = [ln for ln in lines if ln.startswith("smoke rows ")]
+        rows.append(json.loads(line[len("smoke rows "):]))
+        (line,) = [ln for ln in lines if ln.startswith("smoke worker processes ")]
+        workers.append(int(line.split()[-1]))
+    assert workers == [0, 2]
+    assert len(rows[0]) == 4 and [r[0] for r in rows[0]] == [0, 0, 1, 1]  # 2 criteria x 1 target x 2 seeds
     assert rows[0] == rows[1]
-    assert len(json.loads(rows[0][len("smoke rows "):])) == 4  # 2 criteria x 1 target x 2 seeds
-    assert {p: p.stat().st_mtime_ns for p in results.glob("*.json")} == before
 
 
 def test_report_renders_every_result(tmp_path):
