@@ -73,7 +73,8 @@ def run_one(model, spec, calib_seed, target, criterion, steps, args, test):
         warnings.simplefilter("ignore")
         res = oba_fx.compress(model, calib[0][0][:2], calib, target_flops=target, criterion=criterion, steps=steps,
                               batches_per_step=args.calib_batches, finetune=ft if args.finetune_epochs else None,
-                              seed=calib_seed, progress=False, **kw)
+                              # round_to=None: the criteria compared at free widths, as the results record
+                              seed=calib_seed, progress=False, round_to=None, **kw)
     ev = oba_fx.evaluate(res.model, test)
     return {"accuracy": ev["accuracy"], "loss": ev["loss"], "flops_ratio": res.report["flops"]["ratio"],
             "params_ratio": res.report["params"]["ratio"], "seconds": time.perf_counter() - t0}

@@ -1,15 +1,25 @@
 """Cost of each scoring criterion per calibration batch, relative to one forward+backward.
 
-Each (model, criterion) runs in a fresh subprocess so its peak RSS is its own.
+Two measurements:
+
+- **Per criterion** (the table): each (model, criterion) runs in a fresh subprocess so its peak RSS is its
+  own; one warm-up batch, then ``--batches`` timed.
+- **End to end, interleaved** (``--interleaved``, the figure the targets judge): in one process per model,
+  ``oba_fx.parameter_scores(model, batches, criterion)`` through the public API and a plain
+  forward+backward over the same batches (``loss.backward()``, what a user's training step costs) take
+  turns, ``--repeats`` times; the ratio is min over repeats of each. Every row keeps all the repeats.
+
 Writes benchmarks/results/scoring_cost.json; BENCHMARKS.md is generated from it
 by ``python benchmarks/report.py``.
 
     python benchmarks/cost.py [--batches 3] [--models resnet32 vit_small resnet50 vit_b_16] [--smoke]
+    python benchmarks/cost.py --interleaved [--models ...] [--batches 2] [--repeats 3] --merge
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -37,10 +47,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(model_name: str, criterion: str, batches: int) -> dict:
+def _setup(model_name: str, batches: int, batch: int | None = None):
     import models_zoo
-    import oba_fx
-    from passes.curvature import curvature
 
     spec = {**MODELS, **SMOKE}[model_name]
     torch.manual_seed(0)
@@ -50,17 +58,26 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
     else:
         model = models_zoo.create(model_name, **spec["kw"]).eval()
     gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(spec["batch"], *spec["shape"], generator=gen), torch.randint(0, spec.get("classes", 10), (spec["batch"],),
-                                                                                        generator=gen))
+    b = batch or spec["batch"]
+    data = [(torch.randn(b, *spec["shape"], generator=gen), torch.randint(0, spec.get("classes", 10), (b,),
+                                                                          generator=gen))
             for _ in range(batches + 1)]
+    return model, data
+
+
+def _runner(model, criterion: str, data):
+    """``run(batch_list)`` for one criterion, through the public API."""
+    import oba_fx
+    from passes.curvature import curvature
+
     graph = oba_fx.trace(model, data[0][0][:2]) if criterion.startswith("group-exact") else None
-    base_rss = _rss_mb()
 
     def run(batch_list):
         if criterion == "fwd+bwd":
             for x, y in batch_list:
                 model.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(model(x), y).backward()
+            model.zero_grad(set_to_none=True)
         elif criterion == "obd (1 probe)":
             oba_fx.parameter_scores(model, batch_list, "obd", probes=1, progress=False)
         elif criterion == "group-exact (1 probe)":
@@ -85,11 +102,49 @@ def worker(model_name: str, criterion: str, batches: int) -> dict:
         else:
             oba_fx.parameter_scores(model, batch_list, criterion, progress=False)
 
+    return run
+
+
+def worker(model_name: str, criterion: str, batches: int) -> dict:
+    model, data = _setup(model_name, batches)
+    base_rss = _rss_mb()
+    run = _runner(model, criterion, data)
+
     run(data[:1])  # warm-up
     t = time.perf_counter()
     run(data[1:])
     seconds = (time.perf_counter() - t) / batches
     return {"seconds_per_batch": seconds, "peak_rss_mb": _rss_mb(), "rss_after_setup_mb": base_rss}
+
+
+#: glibc malloc settings for ``--interleaved``: "no-mmap" keeps freed large blocks in the heap instead of
+#: returning them to the kernel, so the next batch's tensors do not page-fault in again
+ALLOCATORS = {"default": {}, "no-mmap": {"MALLOC_MMAP_THRESHOLD_": "4294967296",
+                                        "MALLOC_TRIM_THRESHOLD_": "68719476736"}}
+
+#: criteria timed end to end against the forward+backward (``--interleaved``)
+INTERLEAVED = ["oba", "oba-network"]
+
+
+def interleaved(model_name: str, criteria: list[str], batches: int, repeats: int, batch: int | None = None) -> dict:
+    """In one process: each criterion's public call over ``batches`` batches and the forward+backward over the
+    same batches take turns ``repeats`` times (after one warm-up round); ratio of the minimum times."""
+    model, data = _setup(model_name, batches, batch)
+    timed = data[1:]
+    names = ["fwd+bwd", *criteria]
+    runs = {c: _runner(model, c, data) for c in names}
+    for c in names:  # warm-up: one batch each
+        runs[c](data[:1])
+    seconds = {c: [] for c in names}
+    for _ in range(repeats):
+        for c in names:
+            t = time.perf_counter()
+            runs[c](timed)
+            seconds[c].append(time.perf_counter() - t)
+    base = min(seconds["fwd+bwd"])
+    return {"model": model_name, "batch_size": len(timed[0][1]), "batches": batches, "repeats": repeats,
+            "threads": torch.get_num_threads(), "seconds": seconds,
+            "vs_fwd_bwd": {c: min(seconds[c]) / base for c in criteria}}
 
 
 def select_jobs(models: list[str], criteria: list[str] | None) -> list[tuple[str, str]]:
@@ -114,12 +169,26 @@ def main():
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of results/scoring_cost.json that this run does not measure")
     ap.add_argument("--note", help="a note stored on every row this run measures (e.g. that other work shared the CPU)")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="the end-to-end figure: parameter_scores and a forward+backward interleaved in one "
+                         "process per model (criteria: --criteria, default oba and oba-network)")
+    ap.add_argument("--repeats", type=int, default=3, help="--interleaved: rounds of each (min is reported)")
+    ap.add_argument("--batch-size", type=int, help="--interleaved: batch size (default: the model's own)")
+    ap.add_argument("--allocators", nargs="+", default=["default"], choices=sorted(ALLOCATORS),
+                    help="--interleaved: glibc malloc settings to run each model under (default: the default)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long run on a tiny model (CI); writes nothing")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CRITERION"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-interleaved", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.batches)))
         return
+    if args.worker_interleaved:
+        print(json.dumps(interleaved(args.worker_interleaved, args.criteria or INTERLEAVED, args.batches,
+                                     args.repeats, args.batch_size)))
+        return
+    if args.interleaved:
+        return main_interleaved(args)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -174,6 +243,55 @@ def main():
     })
     for r in rows:
         print(r)
+    print("wrote", path)
+
+
+def main_interleaved(args):
+    """One subprocess per model (a model's run does not warm the next one's caches); merges into
+    results/scoring_cost.json under "interleaved" (rows of other models/batch sizes are kept)."""
+    if args.smoke:
+        args.models, args.batches, args.repeats = list(SMOKE), 1, 1
+    rows = []
+    for m in args.models:
+        if m not in {**MODELS, **SMOKE}:
+            raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODELS)}")
+        for alloc in args.allocators:
+            cmd = [sys.executable, __file__, "--worker-interleaved", m, "--batches", str(args.batches), "--repeats",
+                   str(args.repeats), *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                   *(["--criteria", *args.criteria] if args.criteria else [])]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**env, **ALLOCATORS[alloc]})
+            if out.returncode != 0:
+                raise SystemExit(f"{m}: exit {out.returncode}: {out.stderr.strip()[-800:]}")
+            row = {**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": alloc,
+                   "allocator_env": ALLOCATORS[alloc]}
+            if args.note:
+                row["note"] = args.note
+            print(f"{m} (batch {row['batch_size']} x {row['batches']}, min of {row['repeats']}, malloc {alloc}): "
+                  + ", ".join(f"{c} {v:.2f}x" for c, v in row["vs_fwd_bwd"].items()) + " a forward+backward",
+                  flush=True)
+            rows.append(row)
+    if args.smoke:
+        assert rows and all(v > 0 for r in rows for v in r["vs_fwd_bwd"].values())
+        print(f"smoke ok: {len(rows)} interleaved rows")
+        return
+    from common import RESULTS, machine
+    from oba_fx.io import write_json
+
+    path = RESULTS / "scoring_cost.json"
+    d = json.loads(path.read_text())
+    old = d.get("interleaved", {})
+    key = lambda r: (r["model"], r["batch_size"], r.get("allocator", "default"))  # noqa: E731
+    done = {key(r) for r in rows}
+    kept = [r for r in old.get("rows", []) if key(r) not in done]
+    d["interleaved"] = {
+        "description": "oba_fx.parameter_scores(model, batches, criterion) through the public API against a plain "
+                       "forward+backward (loss.backward()) over the same batches, interleaved in one process per "
+                       "model; min over repeats of each, float32 CPU",
+        "machine": machine(), "commands": old.get("commands", []) + [command_line()] if kept else [command_line()],
+        "rows": kept + rows,
+    }
+    write_json(path, d)
     print("wrote", path)
 
 

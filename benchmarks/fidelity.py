@@ -167,8 +167,9 @@ def joint(model, calib, held, criteria, targets, oracle, example, progress=True)
             else:
                 c_arg = crit
             kw = {"probes": 8} if crit == "group-exact" else {}
+            # round_to=None: the criteria compared at free widths, as the results record
             res = oba_fx.compress(model, example, calib, target_flops=t, criterion=c_arg, progress=False,
-                                  compensate=False, reestimate_bn=False, **kw)
+                                  compensate=False, reestimate_bn=False, round_to=None, **kw)
             ev = _loss_on(res.model, held)
             rows.append({"criterion": crit, "target_flops": t, "flops_ratio": res.report["flops"]["ratio"],
                          "accuracy": ev["accuracy"], "loss": ev["loss"]})
@@ -245,7 +246,7 @@ def oneshot(name, model, example, calib_for, held, criteria, targets, seeds, pro
                         warnings.simplefilter("ignore")
                         # the selection only: the three ways are applied to its removal below
                         res = oba_fx.compress(model, example, calib, target_flops=t, criterion=crit,
-                                              progress=False, compensate=False, reestimate_bn=False)
+                                              progress=False, compensate=False, reestimate_bn=False, round_to=None)
                     t_compress = time.perf_counter() - t0
                     removal = _removal_of(graph, res.report)
                     step = res.report["step_reports"][0]

@@ -28,6 +28,7 @@ from .latency import measure_latency
 from .compress import COMPRESS_CRITERIA, DEFAULT_CRITERION, DEFAULT_NORMALIZE
 from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
 from .train import CheckpointError, evaluate, load_checkpoint, train
+from .widths import ROUND_TO
 from .unstructured import compress_unstructured, make_permanent, sparsity_report
 
 __version__ = "0.1.0"
@@ -41,5 +42,5 @@ __all__ = [
     "save", "load", "export_onnx", "OnnxMismatch",
     "TraceFailure", "RewriteError", "UnknownOpWarning",
     "get_dataset", "DataSpec", "DATASETS", "DatasetNotFound", "train", "evaluate", "load_checkpoint",
-    "CheckpointError", "measure_latency", "compensate", "reestimate_batchnorm", "CalibrationError",
+    "CheckpointError", "measure_latency", "ROUND_TO", "compensate", "reestimate_batchnorm", "CalibrationError",
 ]

@@ -275,7 +275,8 @@ def cmd_train(args) -> int:
 
 def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_flops=0.5, criterion=None,
                  steps=1, scope="global", finetune_epochs=0, lr=0.01, batch_size=128, calib_batches=8,
-                 calib_batch_size=64, kd=False, round_to=None, seed=0, micro_batch=None, activation_checkpoint=False,
+                 calib_batch_size=64, kd=False, round_to="auto", backend="onnxruntime", target_latency=None,
+                 latency_batch=1, seed=0, micro_batch=None, activation_checkpoint=False,
                  compensate=True, reestimate_bn=True, args=None) -> dict:
     import oba_fx
 
@@ -283,6 +284,10 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     from .train import evaluate
 
     _fraction(target_flops, "--target-flops")
+    if target_latency is not None:
+        _fraction(target_latency, "--target-latency")
+    if latency_batch < 1:
+        raise UserError(f"--latency-batch must be >= 1, got {latency_batch}")
     criterion = criterion or oba_fx.DEFAULT_CRITERION
     if criterion not in oba_fx.COMPRESS_CRITERIA:
         raise UserError(f"unknown criterion '{criterion}'; choose from {', '.join(oba_fx.COMPRESS_CRITERIA)}")
@@ -325,9 +330,13 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
         _log(f"step {step}/{steps}: {f / flops0:.1%} FLOPs, accuracy {ev['accuracy']:.4f}"
              + (f" after {finetune_epochs} fine-tuning epoch(s)" if finetune_epochs else " (no fine-tuning)"))
 
-    _log(f"compressing to {target_flops:.0%} FLOPs with '{criterion}' in {steps} step(s), scope {scope}")
+    goal = (f"{target_latency:.0%} of its {backend} latency at batch {latency_batch}" if target_latency is not None
+            else f"{target_flops:.0%} FLOPs")
+    _log(f"compressing to {goal} with '{criterion}' in {steps} step(s), scope {scope}")
     res = oba_fx.compress(model, example, calib, target_flops=target_flops, criterion=criterion, steps=steps,
-                          scope=scope, round_to=round_to, finetune=after_step, batches_per_step=calib_batches,
+                          target_latency=target_latency, latency_batch=latency_batch,
+                          scope=scope, round_to=round_to, backend=backend, finetune=after_step,
+                          batches_per_step=calib_batches,
                           seed=seed, process_group=pg, progress=_rank() == 0, micro_batch=micro_batch,
                           checkpoint=activation_checkpoint, compensate=compensate, reestimate_bn=reestimate_bn)
     slim = res.model
@@ -344,6 +353,8 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
         "source": str(checkpoint), "dataset": spec.describe(),
         "settings": {"target_flops": target_flops, "criterion": criterion, "steps": steps, "scope": scope,
                      "finetune_epochs_per_step": finetune_epochs, "lr": lr, "kd": kd, "round_to": round_to,
+                     "backend": backend, "round_multiple": res.report["widths_rounding"]["multiple"],
+                     "target_latency": target_latency, "latency_batch": latency_batch,
                      "calibration": {"batches_per_step": calib_batches, "batch_size": calib_batch_size},
                      "seed": seed},
         "before": {**before, "flops": flops0, "params": params0},
@@ -355,12 +366,17 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     }
     name = info.get("name", "model")
     plot_widths(res.report["widths"]["before"], res.report["widths"]["after"], out / "widths.png",
-                title=f"{name}: per-layer width, {criterion} to {target_flops:.0%} FLOPs")
+                title=f"{name}: per-layer width, {criterion} to {goal}")
     plot_steps(records, out / "steps.png", title=f"{name}: accuracy and FLOPs across steps ({criterion})")
     report["files"].update(widths_plot=str(out / "widths.png"), steps_plot=str(out / "steps.png"))
     write_json(out / "report.json", report)
     _log(f"slimmed: {res.report['flops']['ratio']:.1%} FLOPs, {res.report['params']['ratio']:.1%} params, "
          f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}")
+    lat = res.report.get("latency")
+    if lat and "measured_fraction" in lat:
+        _log(f"latency ({lat['backend']}, batch {lat['batch']}): {lat['measured_fraction']:.1%} of the original "
+             f"measured ({lat['measured_ms']:.2f} ms vs {lat['original_ms']:.2f} ms), {lat['predicted_fraction']:.1%} "
+             f"predicted; target {lat['target_fraction']:.0%}")
     _log(f"wrote {out / 'model.pt'}, {onnx_path}, {out / 'report.json'}, widths.png, steps.png")
     return {"report": report, "model": slim, "original": model, "input_shape": shape}
 
@@ -370,7 +386,8 @@ def cmd_compress(args) -> int:
                  target_flops=args.target_flops, criterion=args.criterion, steps=args.steps, scope=args.scope,
                  finetune_epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                  calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size, kd=args.kd,
-                 round_to=args.round_to, seed=args.seed, micro_batch=args.micro_batch,
+                 round_to=args.round_to, backend=args.backend, target_latency=args.target_latency,
+                 latency_batch=args.latency_batch, seed=args.seed, micro_batch=args.micro_batch,
                  activation_checkpoint=args.activation_checkpoint or False, compensate=args.compensate,
                  reestimate_bn=args.reestimate_bn, args=args)
     return 0
@@ -468,7 +485,7 @@ def cmd_demo(args) -> int:
     c = run_compress(str(ck), out / "compressed", data=args.data, target_flops=args.target_flops,
                      criterion=args.criterion, steps=args.steps, finetune_epochs=args.finetune_epochs,
                      lr=args.finetune_lr, batch_size=args.batch_size, calib_batches=args.calib_batches, kd=True,
-                     seed=args.seed, args=args)
+                     round_to=args.round_to, backend=args.backend, seed=args.seed, args=args)
     t_compress = time.perf_counter() - t0 - t_train
     _log("[3/4] measuring latency (PyTorch eager and onnxruntime, batch 1 and 32, interleaved medians)")
     bench = run_bench({"original": c["original"], "slimmed": c["model"]}, c["input_shape"], [1, 32],
@@ -527,6 +544,31 @@ def _add_data(p, dataset_default="fashion-mnist"):
     p.add_argument("--limit-test", type=int, help="use a seeded subset of this many test samples")
 
 
+def _round_to_arg(text: str):
+    if text == "auto":
+        return "auto"
+    if text.lower() == "none":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--round-to takes 'auto', a positive integer or 'none', got {text!r}")
+    return v
+
+
+def _add_widths(p) -> None:
+    from .widths import BACKENDS, ROUND_TO
+
+    p.add_argument("--round-to", type=_round_to_arg, default="auto", metavar="auto|N|none",
+                   help="keep channel counts at multiples of N; 'auto' (default) takes the multiple measured "
+                        f"fastest for --backend ({', '.join(f'{b}: {m}' for b, m in ROUND_TO.items())}, from "
+                        "benchmarks/widths.py); 'none' allows any width")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="runtime the slim model is for; picks the --round-to auto multiple (default onnxruntime)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import oba_fx
 
@@ -549,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--calib-batches", type=int, default=8)
     d.add_argument("--repeats", type=int, default=30, help="timed runs per latency measurement")
+    _add_widths(d)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data", help="Fashion-MNIST folder (default $OBA_FX_DATA, then " "/usr/share/datasets/fashion-mnist)")
     d.add_argument("--limit-train", type=int, help=argparse.SUPPRESS)
@@ -572,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="a training checkpoint or an oba_fx.save file")
     _add_data(c, dataset_default=None)
     c.add_argument("--target-flops", type=float, default=0.5, help="fraction of FLOPs to keep, in (0, 1]")
+    c.add_argument("--target-latency", type=float, metavar="F",
+                   help="instead of FLOPs: fraction of the original's latency to keep, measured on this machine "
+                        "in --backend at --latency-batch (a per-layer table, cached, then re-measured)")
+    c.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is measured at")
     c.add_argument("--criterion", default=oba_fx.DEFAULT_CRITERION,
                    help=f"one of {', '.join(oba_fx.COMPRESS_CRITERIA)} (default {oba_fx.DEFAULT_CRITERION}, chosen from the "
                         "accuracy benchmark)")
@@ -583,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch size")
     c.add_argument("--calib-batches", type=int, default=8, help="calibration batches per step")
     c.add_argument("--calib-batch-size", type=int, default=64)
-    c.add_argument("--round-to", type=int, help="keep channel counts at multiples of this")
+    _add_widths(c)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--micro-batch", type=int, metavar="K",
                    help="score calibration batches in chunks of K samples (less memory, same scores)")

@@ -41,6 +41,8 @@ from .joint import JOINT_ROUNDS, JointModel
 from .joint import select as select_joint
 from .joint import units as removal_units
 from .scoring import CRITERIA, _group_exact_parts, group_scores, rank_scores
+from .latency_model import MAX_CORRECTIONS, LATENCY_TOLERANCE, LatencyTarget
+from .widths import group_multiple, resolve_round_to
 
 __all__ = ["compress", "CompressResult", "evaluate_loss", "DEFAULT_CRITERION", "DEFAULT_NORMALIZE", "SELECTIONS",
            "COMPRESS_CRITERIA"]
@@ -182,21 +184,52 @@ def _group_key(g) -> str:
     return g.label.split(" (")[0]
 
 
-def _removal_from_order(units, counts_cap, sizes, round_to):
-    """Remove the (group, channel) pairs ``units``, in order, capped and rounded per group."""
+def _removal_from_order(units, counts_cap, sizes, multiples):
+    """Remove the (group, channel) pairs ``units``, in order, capped per group, each group's kept count
+    rounded up to its multiple (``multiples[gid]``, see ``oba_fx.widths.group_multiple``)."""
     take: dict[int, list[int]] = {}
     for gid, ch in units:
         take.setdefault(gid, []).append(ch)
     out = {}
     for gid, chans in take.items():
         n = min(len(chans), counts_cap[gid])
-        if round_to:
+        m = multiples.get(gid, 1)
+        if m > 1:
             keep = sizes[gid] - n
-            keep = int(math.ceil(keep / round_to) * round_to) if keep % round_to else keep
+            keep = int(math.ceil(keep / m) * m) if keep % m else keep
             n = sizes[gid] - min(keep, sizes[gid])
         if n > 0:
             out[gid] = chans[:n]
     return out
+
+
+def _blocked_order(values, caps, sizes, multiples, per_ms=None):
+    """Global ranking in the blocks a rounded group can lose (``round_to``).
+
+    A group of ``size`` channels with multiple ``m`` keeps ``size`` or a multiple of ``m``: it first loses
+    ``size % m`` channels (or ``m`` when the size is a multiple), then ``m`` at a time, its least important
+    channels first, up to its cap. Each block is ranked by the mean importance of its channels (divided by
+    the milliseconds a channel of its group saves, with ``per_ms``: blocks that save nothing go last), and its
+    channels follow one another in the order, so a ranked prefix removes whole blocks and the bisection lands
+    block by block instead of stepping over channels that rounding would keep.
+    """
+    keyed = []
+    for gid, vec in values.items():
+        cap, m, size = caps[gid], multiples.get(gid, 1), sizes[gid]
+        if cap <= 0:
+            continue
+        vals = vec.tolist()
+        chans = torch.argsort(vec, stable=True).tolist()
+        ms = None if per_ms is None else per_ms.get(gid, 0.0)
+        start, b = 0, (size % m or m)
+        while start + b <= cap:
+            block = chans[start:start + b]
+            mean = sum(vals[c] for c in block) / b
+            key = (0, mean) if ms is None else (0, mean / ms) if ms > 1e-9 else (1, mean)
+            keyed.append((key, gid, start, block))
+            start, b = start + b, m
+    keyed.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [(gid, c) for _, gid, _, block in keyed for c in block]
 
 
 #: The selection refines while it lands more than this fraction of the original below the goal.
@@ -338,12 +371,15 @@ def compress(
     *,
     target_flops: float | None = 0.5,
     target_params: float | None = None,
+    target_latency: float | None = None,
     criterion: str = DEFAULT_CRITERION,
     loss_fn: Callable | None = None,
     steps: int = 1,
     scope: str = "global",
     max_layer_ratio: float = 0.9,
-    round_to: int | None = None,
+    round_to: int | str | None = "auto",
+    backend: str = "onnxruntime",
+    latency_batch: int = 1,
     ignore: Iterable[str] = (),
     finetune: Callable[[nn.Module, int], Any] | None = None,
     leaf_modules: Iterable = (),
@@ -370,6 +406,16 @@ def compress(
         calibration: iterable of (inputs, targets) batches; a DataLoader works.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameters to keep (instead of FLOPs).
+        target_latency: fraction of the original's measured latency to keep, in (0, 1]
+            (instead of FLOPs), in ``backend`` at batch ``latency_batch`` on this machine's
+            CPU. Selection runs against a per-layer latency table measured once per
+            machine and cached (``oba_fx.latency_model``): units are ranked by importance
+            per millisecond saved, the ranking is filled to the predicted goal, and the
+            slim model is re-measured against the original (interleaved medians); while
+            it misses the target by more than 5% the goal is corrected by the
+            measured / predicted ratio (at most 3 times). ``report["latency"]`` holds the
+            predicted and measured figures. Global scope, single-tensor-input models;
+            not with ``oba-joint``.
         criterion: a name from ``oba_fx.CRITERIA`` (default ``DEFAULT_CRITERION``, the
             accuracy benchmark's choice by the rule in BENCHMARKS.md); ``"oba-joint"``,
             which selects the removal set as a whole by its exact second-order loss
@@ -382,7 +428,14 @@ def compress(
         scope: "global" (one ranking over all groups) or "local" (the same
             fraction of every group).
         max_layer_ratio: at most this fraction of a group's original channels is removed.
-        round_to: keep channel counts at multiples of this (when the group allows).
+        round_to: keep channel counts at multiples of this: ``"auto"`` (default) takes the
+            multiple measured fastest for ``backend`` (``oba_fx.ROUND_TO``, from
+            benchmarks/widths.py); an int; or None / 1 for any width. Heads, grouped
+            convs and small groups round sensibly (``oba_fx.widths.group_multiple``).
+        backend: the runtime the slim model is for, "onnxruntime" or "pytorch" (CPU);
+            it picks ``round_to="auto"``'s multiple, and the runtime ``target_latency``
+            is measured in.
+        latency_batch: the batch size ``target_latency`` is measured at.
         ignore: module/parameter names whose channels are kept.
         finetune: ``finetune(model, step)`` run after each step (trains in place),
             e.g. ``lambda m, s: oba_fx.finetune(m, loader, epochs=1)``.
@@ -422,10 +475,14 @@ def compress(
         CalibrationError: empty data, NaN loss, targets that do not fit.
         TraceFailure: the model cannot be traced.
     """
-    if target_flops is None and target_params is None:
-        raise ValueError("give target_flops= or target_params=, a fraction of the original in (0, 1]")
-    measure = "params" if target_params is not None else "flops"  # target_params takes precedence
-    target = target_params if target_params is not None else target_flops
+    if target_flops is None and target_params is None and target_latency is None:
+        raise ValueError("give target_flops=, target_params= or target_latency=, a fraction of the original "
+                         "in (0, 1]")
+    if target_latency is not None and target_params is not None:
+        raise ValueError("give one of target_params= and target_latency=, not both")
+    # target_latency, then target_params, take precedence over target_flops (which has a default)
+    measure = "latency" if target_latency is not None else "params" if target_params is not None else "flops"
+    target = {"latency": target_latency, "params": target_params, "flops": target_flops}[measure]
     if not isinstance(target, (int, float)) or isinstance(target, bool):
         raise ValueError(f"target_{measure} must be a number in (0, 1], got {target!r}")
     target = float(target)
@@ -445,8 +502,14 @@ def compress(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not (0 < max_layer_ratio <= 1):
         raise ValueError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+    round_multiple = resolve_round_to(round_to, backend)
+    if measure == "latency":
+        if criterion == "oba-joint":
+            raise ValueError("target_latency does not support criterion 'oba-joint' yet (its swaps keep a FLOPs "
+                             "budget); use target_flops=, or another criterion")
+        if scope != "global":
+            raise ValueError("target_latency ranks channels by importance per millisecond over all groups; use "
+                             "scope='global'")
     if schedule not in ("geometric", "linear"):
         raise ValueError(f"schedule must be 'geometric' or 'linear', got {schedule!r}")
     if calibration is None:
@@ -469,7 +532,10 @@ def compress(
 
     cost0 = forward_cost(model, args)
     flops0, params0, method = cost0.flops, cost0.params, cost0.method
-    base = params0 if measure == "params" else flops0
+    lat = None
+    if measure == "latency":
+        lat = LatencyTarget(model, args, backend, latency_batch, None, LATENCY_REPEATS, progress)
+    base = lat.original_ms if lat else params0 if measure == "params" else flops0
     final_goal = target * base
     stream = _Stream(calibration, batches_per_step)
     current: nn.Module = model
@@ -488,18 +554,32 @@ def compress(
         if step == 1:
             original_sizes = {_group_key(g): g.size for g in graph.groups}
         counted = _bisection_graph(graph, method)
-        now = _candidate_cost(counted, graph._result, {}, measure, method)
+        multiples = {g.id: group_multiple(g, round_multiple) for g in groups}
+        sizes = {g.id: g.size for g in groups}
+        if lat is None:
+            now = _candidate_cost(counted, graph._result, {}, measure, method)
+        else:  # the current model, measured (step 1: the original)
+            now = lat.original_ms if step == 1 else lat.measure(current)
         if now <= goal:
             step_reports.append({"step": step, "goal": goal, "before": now, "after": now, "removed": {},
-                                 "note": "already at the target"})
+                                 "removed_channels": {}, "channels_removed": 0, "note": "already at the target"})
             continue
         caps = {}
         for g in groups:
             orig = original_sizes.get(_group_key(g), g.size)
             max_removed_total = min(int(math.floor(max_layer_ratio * orig)), orig - 1)
             caps[g.id] = max(0, min(g.size - 1, max_removed_total - (orig - g.size)))
-        floor_cost = _candidate_cost(counted, graph._result, {gid: list(range(n)) for gid, n in caps.items() if n},
-                                     measure, method) if any(caps.values()) else now
+        lm = None
+        if lat is not None:
+            # uniformly slimmed copies (every group keeps about this fraction) calibrate the latency table
+            slimmed = [_removal_from_order([(g.id, c) for g in groups for c in range(int(round((1 - f) * g.size)))],
+                                           caps, sizes, multiples) for f in LATENCY_PROBES]
+            lm = lat.model_for(graph, multiples, now, [r for r in slimmed if r])
+        everything = {gid: list(range(n)) for gid, n in caps.items() if n}
+        if lm is not None:
+            floor_cost = lm.predict(everything) if everything else now
+        else:
+            floor_cost = _candidate_cost(counted, graph._result, everything, measure, method) if everything else now
         if floor_cost > goal:
             raise ValueError(
                 f"the {measure} target cannot be reached: removing every removable channel "
@@ -526,9 +606,13 @@ def compress(
         t_score = time.perf_counter() - t0
         importance = rank_scores(scores, signed=signed, normalize=normalize)
         t0 = time.perf_counter()
-        sizes = {g.id: g.size for g in groups}
 
         def ranked(values):
+            rounded = any(m > 1 for m in multiples.values())
+            if lm is not None:  # importance per millisecond saved, in removable blocks (1 channel unrounded)
+                return _blocked_order(values, caps, sizes, multiples, lm.marginal(groups, multiples))
+            if scope == "global" and rounded:
+                return _blocked_order(values, caps, sizes, multiples)
             if scope == "global":
                 keyed = sorted((float(v), gid, ch) for gid, vec in values.items() for ch, v in enumerate(vec.tolist()))
                 return [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
@@ -543,15 +627,19 @@ def compress(
             return [(gid, ch) for _, gid, ch in keyed if caps[gid] > 0]
 
         def removal_at(seq):
-            return _removal_from_order(seq, caps, sizes, round_to)
+            return _removal_from_order(seq, caps, sizes, multiples)
 
         fills = {"evaluations": 0, "moved": {}}
 
-        def fill(seq):
+        def cost_of(sub):
+            if lm is not None:
+                return lm.predict(removal_at(sub))
+            return _candidate_cost(counted, graph._result, removal_at(sub), measure, method)
+
+        def fill(seq, goal=goal):
             # the shortest ranked prefix whose rewrite meets the goal, refined when its last unit is coarse
             units, evals, moved = _fill_to_goal(
-                seq, lambda sub: _candidate_cost(counted, graph._result, removal_at(sub), measure, method),
-                goal, tol=FILL_TOLERANCE * base, on_unreachable=lambda c: ValueError(
+                seq, cost_of, goal, tol=FILL_TOLERANCE * base, on_unreachable=lambda c: ValueError(
                     f"the {measure} target cannot be reached with scope={scope!r}: the most this step can remove "
                     f"leaves {c / base:.1%} (goal {goal / base:.1%}). Frozen groups:\n{_frozen_summary(graph)}\n"
                     f"{_unreachable_fix(graph, c / base)}"))
@@ -567,9 +655,19 @@ def compress(
                       "magnitude": ranked(group_scores(graph, batches, "magnitude", progress=False))}
             removal, joint_report = select_joint(model_q, starts, fill, rounds=joint_rounds, progress=progress)
         else:
-            removal = fill(ranked(importance))
+            order = ranked(importance)
+            removal = fill(order)
+        latency_report = None
+        if lm is not None and step == steps:
+            removal, latency_report = _land_latency(lat, lm, graph, order, fill, removal, goal, target, base)
         evals, moved = fills["evaluations"], fills["moved"][removal_units(removal)]
         t_select = time.perf_counter() - t0
+        if not removal:  # target_latency only: the measured model already sits at the predicted goal
+            step_reports.append({"step": step, "goal": goal, "before": now, "after": now, "removed": {},
+                                 "removed_channels": {}, "channels_removed": 0,
+                                 "note": "the selection removed nothing", **({"latency": latency_report}
+                                                                             if latency_report else {})})
+            continue
         # magnitude and random scores are not loss changes: no prediction to report for them; oba-joint
         # predicts the removal set's loss change as a whole
         if joint_report is not None:
@@ -614,6 +712,7 @@ def compress(
                                       for gid in sorted({gid for gid, _ in moved})},
             "post_rewrite": post,
             **({"joint": joint_report} if joint_report is not None else {}),
+            **({"latency": latency_report} if latency_report is not None else {}),
             "seconds": {"trace": t_trace, "score": t_score, "select": t_select, "rewrite": t_rewrite,
                         "post_rewrite": t_post},
         }
@@ -624,7 +723,8 @@ def compress(
             step_report["loss_after_finetune"] = evaluate_loss(slim, batches, loss_fn)
         cost = forward_cost(slim, args, on=method)
         f, p = cost.flops, cost.params
-        step_report["after"] = p if measure == "params" else f
+        step_report["after"] = (lat.measure(slim) if step < steps else latency_report["measured_ms"]) \
+            if lat is not None else p if measure == "params" else f
         step_report["flops_after"], step_report["params_after"] = f, p
         step_reports.append(step_report)
         current = slim
@@ -638,10 +738,13 @@ def compress(
         "scope": scope,
         "steps": steps,
         "target": {measure: target},
+        "widths_rounding": {"round_to": round_to, "backend": backend, "multiple": round_multiple},
         "post_rewrite": {"compensate": compensate, "damping": damping if compensate else None,
                          "reestimate_bn": ("calibration batches" if reestimate_bn is True else
                                            "given batches" if reestimate_bn is not False else False)},
         "flops": {"before": flops0, "after": flops1, "ratio": flops1 / flops0 if flops0 else None},
+        **({"latency": {"backend": backend, "batch": latency_batch, "threads": lat.threads,
+                        "original_ms": lat.original_ms, **step_reports[-1].get("latency", {})}} if lat else {}),
         "flops_counter": {"method": method, "fallback_reason": cost0.note or None,
                           "description": COUNTERS[method]},
         "params": {"before": params0, "after": params1, "ratio": params1 / params0},
@@ -650,6 +753,48 @@ def compress(
         "seconds_total": time.perf_counter() - t_start,
     }
     return CompressResult(model=current, report=report)
+
+
+#: timed runs per latency measurement of a whole model (target_latency)
+LATENCY_REPEATS = 15
+#: width fractions of the uniformly slimmed copies that calibrate the latency table
+LATENCY_PROBES = (0.3, 0.6)
+
+
+def _land_latency(lat, lm, graph, order, fill, removal, goal, target, base):
+    """Re-measure the selection against the original; correct the predicted goal while it misses the target.
+
+    Each attempt rewrites the candidate and times it interleaved with the original. A miss by more than
+    ``LATENCY_TOLERANCE`` scales the predicted goal by target / measured fraction and fills the ranking again
+    (at most ``MAX_CORRECTIONS`` times); the attempt closest to the target wins.
+    """
+    attempts = []
+    pred_goal = goal
+    for k in range(MAX_CORRECTIONS + 1):
+        if removal:
+            o_ms, s_ms = lat.measure_pair(graph.prune(removal))
+        else:  # the prediction put the unpruned model at the goal
+            o_ms, s_ms = lat.measure_pair(graph.gm)
+        frac = s_ms / o_ms
+        attempts.append({"predicted_goal_ms": pred_goal, "predicted_ms": lm.predict(removal),
+                         "predicted_fraction": lm.predict(removal) / base, "original_ms": o_ms, "measured_ms": s_ms,
+                         "measured_fraction": frac, "removal": removal})
+        if abs(frac / target - 1) <= LATENCY_TOLERANCE or k == MAX_CORRECTIONS:
+            break
+        pred_goal = pred_goal * target / frac
+        try:
+            removal = fill(order, goal=pred_goal)
+        except ValueError:  # the corrected goal is beyond what this step can remove
+            break
+    best = min(attempts, key=lambda a: abs(a["measured_fraction"] / target - 1))
+    report = {k: v for k, v in best.items() if k != "removal"}
+    report["target_fraction"] = target
+    report["attempts"] = [{k: v for k, v in a.items() if k != "removal"} for a in attempts]
+    report["layers_in_table"] = len(lm.layers)
+    report["calibration"] = lm.calibration
+    report["fit"] = {"rest_ms": lm.rest_ms, "scale": lm.scale}
+    report["table"] = str(lm.path)
+    return best["removal"], report
 
 
 def _widths(model: nn.Module) -> dict[str, list[int]]:

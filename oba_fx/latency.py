@@ -10,15 +10,17 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "ort_session"]
 
 
-def _ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: str, threads: int):
+def ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: str, threads: int,
+                dynamo: bool | None = None):
+    """An onnxruntime session of ``model`` (exported and verified by ``export_onnx``) for timing."""
     import onnxruntime as ort
 
     from .export import _providers, export_onnx
 
-    path = export_onnx(model, example, folder / f"{name}.onnx")
+    path = export_onnx(model, example, folder / f"{name}.onnx", dynamo=dynamo)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -37,6 +39,8 @@ def measure_latency(
     onnx: bool = True,
     threads: int | None = None,
     progress: bool = True,
+    pytorch: bool = True,
+    channels_last: bool = False,
 ) -> dict:
     """Median latency (ms) of each model per backend and batch size.
 
@@ -49,6 +53,10 @@ def measure_latency(
         onnx: also export each model (verified, see ``oba_fx.export_onnx``) and
             time it in onnxruntime.
         threads: torch and onnxruntime intra-op threads (default torch's).
+        pytorch: time PyTorch eager too (False: onnxruntime only).
+        channels_last: also time PyTorch eager in the channels-last memory format (backend
+            ``"pytorch-channels_last"``: a copy of each model and the input converted with
+            ``memory_format=torch.channels_last``; 4-D inputs only). The models are not changed.
 
     Returns:
         ``{"rows": [{"model", "backend", "batch", "median_ms", "p10_ms", "p90_ms", "runs"}],
@@ -67,8 +75,18 @@ def measure_latency(
             sessions = {}
             if onnx:
                 for name, m in models.items():
-                    sessions[name] = _ort_session(m, torch.randn(2, *input_shape), Path(tmp), name, threads)
-            backends = ["pytorch"] + (["onnxruntime"] if onnx else [])
+                    sessions[name] = ort_session(m, torch.randn(2, *input_shape), Path(tmp), name, threads)
+            if channels_last and len(input_shape) != 3:
+                raise ValueError(f"channels_last needs image inputs (one sample's shape C, H, W), got {input_shape}")
+            backends = ((["pytorch"] if pytorch else []) + (["pytorch-channels_last"] if channels_last else [])
+                        + (["onnxruntime"] if onnx else []))
+            cl = {}
+            if channels_last:
+                import copy
+
+                cl = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in models.items()}
+            if not backends:
+                raise ValueError("measure_latency: nothing to time (pytorch=False and onnx=False)")
             jobs = [(b, bs) for bs in batch_sizes for b in backends]
             it = jobs
             if progress:
@@ -82,6 +100,9 @@ def measure_latency(
                 for name, m in models.items():
                     if backend == "pytorch":
                         runners[name] = (lambda m=m: m(x))
+                    elif backend == "pytorch-channels_last":
+                        xc = x.contiguous(memory_format=torch.channels_last)
+                        runners[name] = (lambda m=cl[name], xc=xc: m(xc))
                     else:
                         sess = sessions[name]
                         feed = {sess.get_inputs()[0].name: xn}

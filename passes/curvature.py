@@ -556,16 +556,26 @@ def _is_neg_theta(w) -> bool:
 
 
 class _NegThetaLinear(torch.autograd.Function):
+    """``x Wᵀ`` with ``δ_W = −W``. The subtractions ride in the GEMM (``addmm`` with β = −1): the output's
+    tangent ``ẋWᵀ − y`` and the input-gradient's ``ġW − gW`` each cost one product and no extra pass."""
+
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
         ctx.save_for_forward(x, w)
-        return F.linear(x, w)
+        y = F.linear(x, w)
+        ctx.y = y  # for jvp, which forward AD calls right after this (w always has a tangent here)
+        return y
 
     @staticmethod
     def jvp(ctx, x_t, w_t):
-        x, w = (fwAD.unpack_dual(v).primal for v in ctx.saved_tensors)
-        return F.linear(x_t - x, w) if x_t is not None else -F.linear(x, w)
+        y = ctx.y
+        del ctx.y
+        if x_t is None:
+            return -y
+        w = fwAD.unpack_dual(ctx.saved_tensors[1]).primal
+        k = y.shape[-1]
+        return torch.addmm(y.reshape(-1, k), x_t.reshape(-1, x_t.shape[-1]), w.t(), beta=-1).reshape(y.shape)
 
     @staticmethod
     def backward(ctx, g):
@@ -573,16 +583,19 @@ class _NegThetaLinear(torch.autograd.Function):
         xp, xt = fwAD.unpack_dual(x)
         wp = fwAD.unpack_dual(w).primal
         gp, gt = fwAD.unpack_dual(g)
+        g2 = gp.reshape(-1, gp.shape[-1])
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            p = gp @ wp
-            gx = fwAD.make_dual(p, (gt - gp) @ wp if gt is not None else -p)
+            p = g2 @ wp
+            t = torch.addmm(p, gt.reshape(-1, gt.shape[-1]), wp, beta=-1) if gt is not None else -p
+            gx = fwAD.make_dual(p.reshape(xp.shape), t.reshape(xp.shape))
         if ctx.needs_input_grad[1]:
-            g2, x2 = gp.reshape(-1, gp.shape[-1]), xp.reshape(-1, xp.shape[-1])
-            t = g2.t() @ xt.reshape(-1, xt.shape[-1]) if xt is not None else torch.zeros_like(wp)
+            x2 = xp.reshape(-1, xp.shape[-1])
+            t = g2.t() @ xt.reshape(-1, xt.shape[-1]) if xt is not None else None
             if gt is not None:
-                t = t + gt.reshape(-1, gt.shape[-1]).t() @ x2
-            gw = fwAD.make_dual(g2.t() @ x2, t)
+                gt2 = gt.reshape(-1, gt.shape[-1]).t()
+                t = gt2 @ x2 if t is None else t.addmm_(gt2, x2)
+            gw = fwAD.make_dual(g2.t() @ x2, torch.zeros_like(wp) if t is None else t)
         return gx, gw
 
 
@@ -617,31 +630,157 @@ class _NegThetaConv(torch.autograd.Function):
             return torch.ops.aten.convolution_backward(grad, inp, wp, None, st, pd, dl, False, [0] * nd, groups,
                                                        mask)
 
+        # 3 fused calls instead of 5: (g, x) and (ġ, x) each give their input- and weight-gradient in one
+        # call (the input-gradient's tangent Wᵀ(ġ − g) is Wᵀġ − Wᵀg by linearity); only (g, ẋ) stands apart.
+        nx, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        px, pw, _ = bwd(gp, xp, [nx, nw, False])
+        tx = tw = None
+        if gt is not None:
+            tx, tw, _ = bwd(gt, xp, [nx, nw, False])
         gx = gw = None
-        if ctx.needs_input_grad[0]:
-            p = bwd(gp, xp, [True, False, False])[0]
-            t = bwd(gt - gp, xp, [True, False, False])[0] if gt is not None else -p
-            gx = fwAD.make_dual(p, t)
-        if ctx.needs_input_grad[1]:
-            p = bwd(gp, xp, [False, True, False])[1]
+        if nx:
+            gx = fwAD.make_dual(px, tx - px if tx is not None else -px)
+        if nw:
             t = bwd(gp, xt, [False, True, False])[1] if xt is not None else torch.zeros_like(wp)
-            if gt is not None:
-                t = t + bwd(gt, xp, [False, True, False])[1]
-            gw = fwAD.make_dual(p, t)
+            if tw is not None:
+                t = t + tw
+            gw = fwAD.make_dual(pw, t)
         return gx, gw, None, None, None, None, None
 
 
+class _NegThetaBatchNorm(torch.autograd.Function):
+    """Eval-mode batch norm, a per-channel affine map ``y = x·a + b`` with ``a = γ/√(v+ε)``, ``b = β − μa``.
+
+    With δ = −θ on γ (and on β, or no β) both ``a`` and ``b`` scale by (1 − ε), so ``ẏ = a ẋ − y``; the
+    backward's dual products are ``∂L/∂x = g a`` (tangent ``ġ a − g a``), ``∂L/∂γ = Σ g x̂`` (tangent
+    ``Σ ġ x̂ + Σ g ẋ/σ``) and ``∂L/∂β = Σ g`` (tangent ``Σ ġ``). Each of those is one call of PyTorch's fused
+    eval-mode batch-norm backward (``Σ g ẋ/σ`` with a zero mean), where PyTorch's own forward AD of
+    ``native_batch_norm_backward`` composes about twenty elementwise passes and costs as much as the
+    convolutions around it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, mean, var, eps):
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w, b)
+        ctx.stats = (mean, var, eps, b is not None)
+        return F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, *_):
+        mean, var, eps, _ = ctx.stats
+        x, w, b = (None if v is None else fwAD.unpack_dual(v).primal for v in ctx.saved_tensors)
+        y = F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+        if x_t is None:
+            return -y
+        a = (w * torch.rsqrt(var + eps)).reshape((1, -1) + (1,) * (x.ndim - 2))
+        return (x_t * a).sub_(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        mean, var, eps, has_bias = ctx.stats
+        x, w = ctx.saved_tensors
+        xp, xt = fwAD.unpack_dual(x)
+        wp = fwAD.unpack_dual(w).primal
+        gp, gt = fwAD.unpack_dual(g)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = has_bias and ctx.needs_input_grad[2]
+
+        def nbb(grad, inp, m, mask):  # fused eval-mode backward: (grad·a, Σ grad·(inp − m)/σ, Σ grad)
+            return torch.ops.aten.native_batch_norm_backward(grad, inp, wp, m, var, None, None, False, eps, mask)
+
+        gx_p, gw_p, gb_p = nbb(gp, xp, mean, [need_x, need_w, need_b])
+        if gt is not None:
+            gx_2, gw_2, gb_2 = nbb(gt, xp, mean, [need_x, need_w, need_b])
+        gx = gw = gb = None
+        if need_x:
+            gx = fwAD.make_dual(gx_p, gx_2.sub_(gx_p) if gt is not None else -gx_p)
+        if need_w:
+            t = nbb(gp, xt, torch.zeros_like(mean), [False, True, False])[1] if xt is not None else \
+                torch.zeros_like(wp)
+            gw = fwAD.make_dual(gw_p, t + gw_2 if gt is not None else t)
+        if need_b:
+            gb = fwAD.make_dual(gb_p, gb_2 if gt is not None else torch.zeros_like(wp))
+        return gx, gw, gb, None, None, None
+
+
+def _gelu_second(x, approximate: str):
+    """f''(x) of GELU, elementwise: exact ``φ(x)(2 − x²)``; tanh form ``(1 − t²)(u' + ½x(u'' − 2t u'²))``."""
+    if approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        x2 = x * x
+        t = torch.tanh(c * (x + 0.044715 * x2 * x))
+        du = c * (1.0 + 3 * 0.044715 * x2)
+        return (1.0 - t * t) * (du + 0.5 * x * (c * 6 * 0.044715 * x - 2.0 * t * du * du))
+    c = 1.0 / math.sqrt(2.0 * math.pi)
+    h = x * x
+    return h.mul(-c).add_(2.0 * c).mul_(h.mul_(-0.5).exp_())  # two buffers, six passes
+
+
+class _DualGelu(torch.autograd.Function):
+    """GELU whose input carries a tangent: ``ẏ = f'(x)ẋ`` and, in the backward, ``∂L/∂x = g f'(x)`` with
+    tangent ``ġ f'(x) + g ẋ f''(x)``. ``f'`` products are PyTorch's fused ``gelu_backward``; PyTorch's own
+    forward AD of ``gelu_backward`` composes about fifteen elementwise passes (a fifth of a ViT's scoring)."""
+
+    @staticmethod
+    def forward(ctx, x, approximate):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.approximate = approximate
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def jvp(ctx, x_t, _):
+        x = fwAD.unpack_dual(ctx.saved_tensors[0]).primal
+        return torch.ops.aten.gelu_backward(x_t, x, approximate=ctx.approximate)
+
+    @staticmethod
+    def backward(ctx, g):
+        xp, xt = fwAD.unpack_dual(ctx.saved_tensors[0])
+        gp, gt = fwAD.unpack_dual(g)
+        a = ctx.approximate
+        p = torch.ops.aten.gelu_backward(gp, xp, approximate=a)
+        t = torch.ops.aten.gelu_backward(gt, xp, approximate=a) if gt is not None else None
+        if xt is not None:
+            s = _gelu_second(xp, a).mul_(gp)
+            t = s.mul_(xt) if t is None else t.addcmul_(s, xt)
+        return fwAD.make_dual(p, torch.zeros_like(p) if t is None else t), None
+
+
 class _NegThetaMode(torch.overrides.TorchFunctionMode):
-    """Routes F.linear / F.conv{1,2,3}d whose weight has tangent −weight to the functions above."""
+    """Routes F.linear / F.conv{1,2,3}d whose weight has tangent −weight, eval-mode F.batch_norm whose
+    weight (and bias) do, and F.gelu whose input has a tangent, to the functions above."""
 
     CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
     def __init__(self):
         super().__init__()
-        self.hits = 0
+        self.hits = 0  # δ = −θ shortcuts taken (their condition is on the direction)
+        self.gelu_hits = 0  # dual GELUs (exact for any direction)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.batch_norm:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            a = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
+                 **dict(zip(names, args)), **kwargs}
+            stats = (a["running_mean"], a["running_var"])
+            if (not a["training"] and all(isinstance(v, torch.Tensor) and fwAD.unpack_dual(v).tangent is None
+                                          for v in stats)
+                    and _is_neg_theta(a["weight"]) and (a["bias"] is None or _is_neg_theta(a["bias"]))
+                    and a["input"].ndim >= 2):
+                self.hits += 1
+                return _NegThetaBatchNorm.apply(a["input"], a["weight"], a["bias"], a["running_mean"],
+                                                a["running_var"], a["eps"])
+            return func(*args, **kwargs)
+        if func is F.gelu:
+            a = {"approximate": "none", **dict(zip(("input", "approximate"), args)), **kwargs}
+            x = a["input"]
+            if (isinstance(x, torch.Tensor) and x.is_floating_point() and fwAD.unpack_dual(x).tangent is not None
+                    and a["approximate"] in ("none", "tanh")):
+                self.gelu_hits += 1
+                return _DualGelu.apply(x, a["approximate"])
+            return func(*args, **kwargs)
         if func is F.linear:
             a = {"bias": None, **dict(zip(("input", "weight", "bias"), args)), **kwargs}
             if _is_neg_theta(a.get("weight")):

@@ -34,6 +34,7 @@ import torch_pruning as tp
 
 from .attention import SlimMultiheadAttention, slim_shifted_window_attention
 from .dependency import CouplingResult
+from .inplace import inplace_adds
 from .coupling_rules import _tensor_paths as _tensor_paths_of
 from .trace import TracedGraph, _Recorder
 
@@ -248,6 +249,7 @@ def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow
                 node.kwargs = {**node.kwargs, "scale": notes["sdpa_scale"]}
     gm.graph.lint()
     gm.recompile()
+    inplace_adds(gm)  # tracing turned `out += x` into `out = out + x`; give eager its in-place add back
     _restore_state(gm, traced)
     if check:
         verify_shapes(gm, traced, pred)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "speedup.py"]  # fidelity --oneshot: see below
+SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "cost.py --interleaved", "speedup.py", "widths.py",
+           "latency_target.py", "eager_breakdown.py"]  # fidelity --oneshot: see below
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -397,3 +398,21 @@ def test_accuracy_grid_is_seed_major_saves_each_run_and_resumes(tmp_path, monkey
     assert order == [(0, "oba")]
     oba = next(r for r in d["rows"] if r["criterion"] == "oba")
     assert oba["seeds"] == 1 and oba["budget"]["finetune_epochs"] == 2 and len(d["runs"]) == 4
+
+
+def test_widths_choice_rule_on_synthetic_rows():
+    """The round_to pick: geometric mean of speed-up / FLOPs reduction; the smallest multiple within the tie."""
+    choose = _bench_module("widths").choose
+
+    def row(backend, m, eff, model="a", batch=1):
+        return {"backend": backend, "round_to": m, "efficiency": eff, "model": model, "batch": batch}
+
+    rows = [row("pytorch", 1, 0.5), row("pytorch", 1, 0.8, "b"),  # geomean 0.632
+            row("pytorch", 8, 0.9), row("pytorch", 8, 0.9, "b"),  # 0.9
+            row("pytorch", 16, 0.91), row("pytorch", 16, 0.91, "b"),  # 0.91: within 2% of 8 -> 8 wins
+            row("onnxruntime", 8, 0.7), row("onnxruntime", 16, 0.9), row("onnxruntime", None, 1.0)]
+    out = choose(rows, 0.02)
+    assert out["pytorch"]["chosen"] == 8
+    assert abs(out["pytorch"]["geomean_efficiency"]["1"] - (0.5 * 0.8) ** 0.5) < 1e-12
+    assert out["onnxruntime"]["chosen"] == 16  # 0.7 is not within 2% of 0.9
+    assert choose(rows, 0.0)["pytorch"]["chosen"] == 16

@@ -255,3 +255,120 @@ def test_neg_theta_fast_path_is_exact(name, monkeypatch):
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     curvature(model, cal, want=("H",), direction=v, progress=False)
     assert hits and max(hits) == 0
+
+
+class _BNZoo(torch.nn.Module):
+    """Eval-mode batch norms in every form the δ = −θ batch-norm shortcut meets or must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(3)
+        self.fc1 = torch.nn.Linear(12, 4)
+        self.bn1 = torch.nn.BatchNorm1d(4)
+        self.w_only = torch.nn.Parameter(torch.rand(4) + 0.5)  # F.batch_norm with a weight and no bias
+        self.frozen_w = torch.nn.Parameter(torch.rand(4) + 0.5, requires_grad=False)  # not scored: plain path
+        self.b_scored = torch.nn.Parameter(torch.randn(4))
+        self.register_buffer("m", torch.randn(4))
+        self.register_buffer("v", torch.rand(4) + 0.3)
+        self.fc2 = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn2(self.conv(x)))
+        h = torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+        h = torch.tanh(self.bn1(self.fc1(h)))
+        h = torch.tanh(torch.nn.functional.batch_norm(h, self.m, self.v, self.w_only, None, False, 0.1, 1e-3))
+        h = torch.nn.functional.batch_norm(h, self.m, self.v, self.frozen_w, self.b_scored, False, 0.1, 1e-5)
+        return self.fc2(torch.tanh(h))
+
+
+def test_batch_norm_shortcut_matches_the_dense_hessian(monkeypatch):
+    """Eval-mode BN under δ = −θ (``_NegThetaBatchNorm``): ẏ = aẋ − y and its per-channel backward products give
+    the dense Hessian's Hδ with random running statistics, BatchNorm1d/2d and a weight-only F.batch_norm; a BN
+    whose weight is frozen (not scored) keeps the ordinary path, and the result is the same either way."""
+    import passes.curvature as C
+    from helpers import randomize_norms
+
+    torch.manual_seed(3)
+    model = randomize_norms(_BNZoo(), 3).double().eval()
+    gen = torch.Generator().manual_seed(4)
+    cal = [(torch.randn(b, 2, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (b,), generator=gen))
+           for b in (3, 5)]
+    calls = []
+    real = C._NegThetaBatchNorm.forward
+    monkeypatch.setattr(C._NegThetaBatchNorm, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(a[1].shape[0]) or real(ctx, *a)))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    r = curvature(model, cal, want=("g", "H"), progress=False)
+    # bn2, bn1 and the weight-only call, once per batch; the frozen-weight call keeps the ordinary path
+    assert sorted(calls) == sorted([3, 4, 4] * len(cal)), calls
+    fl, g, H, _, _ = dense(model, cal, third=False)
+    scored = torch.cat([(p.requires_grad * torch.ones_like(p)).reshape(-1) for p in model.parameters()]).bool()
+    d = -fl.theta * scored
+    want_h = fl.unflat(H @ d)
+    want_g = fl.unflat(g)
+    for n in names:
+        assert rel(r.H[n], want_h[n]) <= 1e-8, n
+        assert rel(r.g[n], want_g[n]) <= 1e-8, n
+    monkeypatch.setattr(C, "FAST_NEG_THETA", False)
+    plain = curvature(model, cal, want=("g", "H"), progress=False)
+    for n in names:
+        assert rel(r.H[n], plain.H[n]) <= 1e-12 and rel(r.g[n], plain.g[n]) <= 1e-12, n
+
+
+class _GeluZoo(torch.nn.Module):
+    """GELU in every form the dual-GELU shortcut meets: nn.GELU, the tanh form, F.gelu, and one whose input has
+    no tangent (its producer is frozen), which keeps the ordinary path."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(4, 5)
+        self.frozen.requires_grad_(False)
+        self.fc1 = torch.nn.Linear(4, 6)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(6, 5)
+        self.act_tanh = torch.nn.GELU(approximate="tanh")
+        self.fc3 = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.act_tanh(self.fc2(self.act(self.fc1(x))))
+        h = h + torch.nn.functional.gelu(self.frozen(x))  # no tangent reaches this GELU's input
+        return self.fc3(torch.nn.functional.gelu(h * 1.5))
+
+
+@pytest.mark.parametrize("direction", ["neg_theta", "random"])
+def test_gelu_shortcut_matches_the_dense_hessian(monkeypatch, direction):
+    """``_DualGelu`` (ẏ = f'ẋ; backward tangent ġf' + gẋf'') gives the dense Hessian's Hδ and the network part
+    (H − G)δ for both GELU forms and any direction; a GELU whose input carries no tangent keeps the ordinary
+    path, and the result equals the ordinary forward-over-reverse one."""
+    import passes.curvature as C
+
+    torch.manual_seed(5)
+    model = _GeluZoo().double().eval()
+    gen = torch.Generator().manual_seed(6)
+    cal = [(3 * torch.randn(b, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (b,), generator=gen))
+           for b in (4, 6)]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    fl, g, H, G, _ = dense(model, cal, third=False)
+    scored = torch.cat([(p.requires_grad * torch.ones_like(p)).reshape(-1) for p in model.parameters()]).bool()
+    if direction == "neg_theta":
+        d, v = -fl.theta * scored, None
+    else:
+        d = torch.randn(fl.theta.numel(), generator=gen, dtype=torch.float64) * scored
+        v = {n: t for n, t in fl.unflat(d).items() if n in names}
+    calls = []
+    real = C._DualGelu.forward
+    monkeypatch.setattr(C._DualGelu, "forward",
+                        staticmethod(lambda ctx, x, a: calls.append(a) or real(ctx, x, a)))
+    r = curvature(model, cal, want=("g", "H", "F"), direction=v, progress=False)
+    assert sorted(calls) == sorted(["none", "tanh", "none"] * len(cal)), calls  # not the frozen branch's
+    want_h, want_f = fl.unflat(H @ d), fl.unflat((H - G) @ d)
+    f_scale = ((H - G) @ d).abs().max()  # the last layer's F block is 0 (its roundoff, ~1e-17, is not a scale)
+    for n in names:
+        assert rel(r.H[n], want_h[n]) <= 1e-8, n
+        assert (r.F[n] - want_f[n]).abs().max() <= 1e-8 * f_scale, n
+        assert rel(r.g[n], fl.unflat(g)[n]) <= 1e-8, n
+    monkeypatch.setattr(C, "FAST_NEG_THETA", False)
+    plain = curvature(model, cal, want=("g", "H", "F"), direction=v, progress=False)
+    for n in names:
+        assert rel(r.H[n], plain.H[n]) <= 1e-12 and rel(r.F[n], plain.F[n]) <= 1e-12, n
