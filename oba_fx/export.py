@@ -60,7 +60,12 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", with_meta: bool = F
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an oba_fx module file (expected format {FORMAT}); "
                          "save it with oba_fx.save(model, path)")
-    return (payload["module"], dict(payload.get("meta") or {})) if with_meta else payload["module"]
+    module = payload["module"]
+    if isinstance(module, torch.fx.GraphModule):  # unpickling re-traced its code: `a + b` and F.relu again
+        from passes.inplace import inplace_adds
+
+        inplace_adds(module)
+    return (module, dict(payload.get("meta") or {})) if with_meta else module
 
 
 def _providers() -> list[str]:
