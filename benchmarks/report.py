@@ -484,7 +484,7 @@ def latency_target(d: dict) -> list[str]:
     for r in d["rows"]:
         if not r.get("reachable", True):
             out.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['target_fraction']:.0%} | "
-                       f"unreachable: {r['reason']} | | | | | | {r['compress_seconds']:.0f} |")
+                       f"unreachable: {r['reason'].split('; frozen groups')[0]} | | | | | | {r['compress_seconds']:.0f} |")
             continue
         out.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['target_fraction']:.0%} | "
                    f"{r['predicted_fraction']:.1%} | {r['compress_measured_fraction']:.1%} | "
