@@ -34,12 +34,17 @@ SAFE_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn
                   nn.LayerNorm, nn.GroupNorm)
 
 
+def _writable(t) -> bool:
+    """A tensor (not an fx proxy) that may be overwritten: never a leaf that requires grad."""
+    return isinstance(t, torch.Tensor) and (t.grad_fn is not None or not t.requires_grad)
+
+
 def add_into(a, b):
     """``a.add_(b)`` when that equals ``a + b`` (same shape and dtype as the result), else ``a + b``.
 
     Not an fx leaf: tracing it again (a second compress step, a user re-tracing the slim model) sees a proxy,
     not a tensor, and records the plain ``operator.add``."""
-    if isinstance(a, torch.Tensor) and (a.grad_fn is not None or not a.requires_grad):  # never a leaf with grad
+    if _writable(a):
         shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, torch.Tensor) else a.shape
         if shape == a.shape and torch.result_type(a, b) == a.dtype:
             return a.add_(b)
@@ -48,7 +53,7 @@ def add_into(a, b):
 
 def relu_into(x):
     """``x.relu_()``; on an fx proxy (tracing the slim model again) the plain ``F.relu``."""
-    if isinstance(x, torch.Tensor) and (x.grad_fn is not None or not x.requires_grad):
+    if _writable(x):
         return x.relu_()
     return F.relu(x)
 
