@@ -5,7 +5,8 @@ Two measurements:
 - **Per criterion** (the table): each (model, criterion) runs in a fresh subprocess so its peak RSS is its
   own; one warm-up batch, then ``--batches`` timed.
 - **End to end, interleaved** (``--interleaved``, the figure the targets judge): in one process per model,
-  ``oba_fx.parameter_scores(model, batches, criterion)`` through the public API and a plain
+  ``oba_fx.group_scores(graph, batches, criterion)`` (rows "criterion (groups)": what ``compress`` scores)
+  and ``oba_fx.parameter_scores(model, batches, criterion)`` through the public API and a plain
   forward+backward over the same batches (``loss.backward()``, what a user's training step costs) take
   turns, ``--repeats`` times; the ratio is min over repeats of each. Every row keeps all the repeats.
 
@@ -70,7 +71,8 @@ def _runner(model, criterion: str, data):
     import oba_fx
     from passes.curvature import curvature
 
-    graph = oba_fx.trace(model, data[0][0][:2]) if criterion.startswith("group-exact") else None
+    groups = criterion.endswith(" (groups)")
+    graph = oba_fx.trace(model, data[0][0][:2]) if criterion.startswith("group-exact") or groups else None
 
     def run(batch_list):
         if criterion == "fwd+bwd":
@@ -82,6 +84,8 @@ def _runner(model, criterion: str, data):
             oba_fx.parameter_scores(model, batch_list, "obd", probes=1, progress=False)
         elif criterion == "group-exact (1 probe)":
             oba_fx.group_exact_scores(graph, batch_list, method="probes", probes=1, progress=False)
+        elif groups:  # what compress scores: coupled-group scores (row / column marginals where they suffice)
+            oba_fx.group_scores(graph, batch_list, criterion.removesuffix(" (groups)"), progress=False)
         elif "(" in criterion:  # memory controls: "oba (checkpoint, micro_batch 4)"
             base, opts = criterion.rstrip(")").split(" (", 1)
             kw = {}
@@ -123,7 +127,7 @@ ALLOCATORS = {"default": {}, "no-mmap": {"MALLOC_MMAP_THRESHOLD_": "4294967296",
                                         "MALLOC_TRIM_THRESHOLD_": "68719476736"}}
 
 #: criteria timed end to end against the forward+backward (``--interleaved``)
-INTERLEAVED = ["oba", "oba-network"]
+INTERLEAVED = ["oba (groups)", "oba", "oba-network (groups)", "oba-network"]
 
 
 def interleaved(model_name: str, criteria: list[str], batches: int, repeats: int, batch: int | None = None) -> dict:
@@ -285,9 +289,10 @@ def main_interleaved(args):
     done = {key(r) for r in rows}
     kept = [r for r in old.get("rows", []) if key(r) not in done]
     d["interleaved"] = {
-        "description": "oba_fx.parameter_scores(model, batches, criterion) through the public API against a plain "
-                       "forward+backward (loss.backward()) over the same batches, interleaved in one process per "
-                       "model; min over repeats of each, float32 CPU",
+        "description": "oba_fx.group_scores(oba_fx.trace(model), batches, criterion) (\"criterion (groups)\", "
+                       "what compress scores) and oba_fx.parameter_scores(model, batches, criterion) through the "
+                       "public API against a plain forward+backward (loss.backward()) over the same batches, "
+                       "interleaved in one process per model; min over repeats of each, float32 CPU",
         "machine": machine(), "commands": old.get("commands", []) + [command_line()] if kept else [command_line()],
         "rows": kept + rows,
     }

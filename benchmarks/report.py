@@ -77,12 +77,21 @@ def scoring_cost(d: dict) -> list[str]:
             out.append(f"| {r['model']}{sup(r)} | {r['batch_size']} | {r['batches']} | {r['repeats']} | "
                        f"{r.get('allocator', 'default')} | {min(r['seconds']['fwd+bwd']):.2f} | "
                        + " | ".join(cells) + " |")
+        # judged: the scoring compress runs (group scores); rows measured before it existed fall back to oba
+        judge = lambda r: "oba (groups)" if "oba (groups)" in r["vs_fwd_bwd"] else "oba"  # noqa: E731
         judged = [r for r in inter["rows"] if r["model"] in ("resnet32", "resnet50", "vit_small")
-                  and "oba" in r["vs_fwd_bwd"] and r.get("allocator", "default") == "default"]
-        bad = [f"{r['model']} (batch {r['batch_size']}) {r['vs_fwd_bwd']['oba']:.2f}×" for r in judged
-               if r["vs_fwd_bwd"]["oba"] > 2.5]
-        out += ["", "Target (issue 17): `oba` ≤ 2.5× a forward+backward on resnet32, resnet50 and vit_small, "
-                "vit_b_16 reported as it is (judged on the default malloc): "
+                  and judge(r) in r["vs_fwd_bwd"] and r.get("allocator", "default") == "default"]
+        bad = [f"{r['model']} (batch {r['batch_size']}, {judge(r)}) {r['vs_fwd_bwd'][judge(r)]:.2f}×" for r in judged
+               if r["vs_fwd_bwd"][judge(r)] > 2.5]
+        out += ["", "`oba (groups)` is `oba_fx.group_scores(graph, batches, \"oba\")`, the scoring `compress` runs: "
+                "a coupled group's score needs each weight's score only summed along its rows and columns, and for "
+                "a linear or convolution layer with δ = −θ those sums follow from the layer's output, input and "
+                "input gradients (`curvature(marginals=...)`), so its backward skips the weight-gradient products "
+                "(4 matrix products per layer instead of 7; exact, tested against the per-parameter route and a "
+                "dense Hessian). `oba` is `oba_fx.parameter_scores(model, batches, \"oba\")`, every parameter's "
+                "own score.", "",
+                "Target (issue 17): `oba` scoring ≤ 2.5× a forward+backward on resnet32, resnet50 and vit_small, "
+                "vit_b_16 reported as it is (judged on `oba (groups)` where measured, with the default malloc): "
                 + ("**not met**: " + ", ".join(bad) if bad else
                                                   "met on every judged row" if judged else "no judged row yet")
                 + ".", ""]

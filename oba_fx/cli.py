@@ -283,7 +283,8 @@ def run_compress(checkpoint: str, out: Path, *, dataset=None, data=None, target_
     from .plots import plot_steps, plot_widths
     from .train import evaluate
 
-    _fraction(target_flops, "--target-flops")
+    if target_flops is not None or target_latency is None:
+        _fraction(target_flops, "--target-flops")
     if target_latency is not None:
         _fraction(target_latency, "--target-latency")
     if latency_batch < 1:
@@ -461,6 +462,7 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     out = Path(args.out)
+    target_flops, target_latency = _demo_target(args)  # bad goals fail before training starts
     t0 = time.perf_counter()
     if args.smoke:
         args.limit_train = args.limit_train or 512
@@ -480,9 +482,11 @@ def cmd_demo(args) -> int:
         run_train(args.model, "fashion-mnist", args.epochs, train_dir, data=args.data, resume=resume, lr=args.lr,
                   batch_size=args.batch_size, seed=args.seed, args=args)
     t_train = time.perf_counter() - t0
-    _log(f"[2/4] compressing to {args.target_flops:.0%} FLOPs with '{args.criterion}', then "
-         f"{args.finetune_epochs} fine-tuning epoch(s)")
-    c = run_compress(str(ck), out / "compressed", data=args.data, target_flops=args.target_flops,
+    goal = (f"{target_latency:.0%} of its {args.backend} latency at batch {args.latency_batch}"
+            if target_latency is not None else f"{target_flops:.0%} FLOPs")
+    _log(f"[2/4] compressing to {goal} with '{args.criterion}', then {args.finetune_epochs} fine-tuning epoch(s)")
+    c = run_compress(str(ck), out / "compressed", data=args.data, target_flops=target_flops,
+                     target_latency=target_latency, latency_batch=args.latency_batch,
                      criterion=args.criterion, steps=args.steps, finetune_epochs=args.finetune_epochs,
                      lr=args.finetune_lr, batch_size=args.batch_size, calib_batches=args.calib_batches, kd=True,
                      round_to=args.round_to, backend=args.backend, seed=args.seed, args=args)
@@ -494,7 +498,10 @@ def cmd_demo(args) -> int:
     sp = {(r["backend"], r["batch"]): r["speedup"] for r in bench["rows"] if r["model"] == "slimmed"}
     summary = {
         "model": args.model, "dataset": "fashion-mnist", "criterion": args.criterion,
-        "target_flops": args.target_flops, "train_epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
+        "target_flops": target_flops if target_latency is None else None, "target_latency": target_latency,
+        "backend": args.backend, "latency_batch": args.latency_batch if target_latency is not None else None,
+        "latency": rep["compress"].get("latency"),
+        "train_epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
         "accuracy_before": rep["before"]["accuracy"], "accuracy_after": rep["after"]["accuracy"],
         "flops_before": rep["before"]["flops"], "flops_after": rep["after"]["flops"],
         "params_before": rep["before"]["params"], "params_after": rep["after"]["params"],
@@ -512,6 +519,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: the demo's default goal: this fraction of the original's PyTorch eager latency at batch 32
+DEMO_LATENCY = 0.55
+
+
+def _demo_target(args) -> tuple[float | None, float | None]:
+    """(target_flops, target_latency) of a demo run: the one given, else the latency goal (--smoke: 40% FLOPs,
+    which needs no latency table)."""
+    if args.target_flops is not None and args.target_latency is not None:
+        raise UserError("give one of --target-flops and --target-latency, not both")
+    if args.target_flops is not None:
+        _fraction(args.target_flops, "--target-flops")
+        return args.target_flops, None
+    if args.target_latency is not None:
+        _fraction(args.target_latency, "--target-latency")
+        return None, args.target_latency
+    return (0.4, None) if args.smoke else (None, DEMO_LATENCY)
+
+
 def _demo_table(s: dict) -> str:
     rows = [("", "original", "slimmed"),
             ("test accuracy", f"{100 * s['accuracy_before']:.2f}%", f"{100 * s['accuracy_after']:.2f}%"),
@@ -526,7 +551,9 @@ def _demo_table(s: dict) -> str:
     w2 = max(len(r[2]) for r in rows)
     lines = [f"| {r[0]:<{w0}} | {r[1]:>{w1}} | {r[2]:>{w2}} |" for r in rows]
     lines.insert(1, f"|{'-' * (w0 + 2)}|{'-' * (w1 + 1)}:|{'-' * (w2 + 1)}:|")
-    title = (f"{s['model']} on Fashion-MNIST, '{s['criterion']}' to {s['target_flops']:.0%} FLOPs, "
+    goal = (f"{s['target_latency']:.0%} of its {s['backend']} latency at batch {s['latency_batch']}"
+            if s.get("target_latency") is not None else f"{s['target_flops']:.0%} FLOPs")
+    title = (f"{s['model']} on Fashion-MNIST, '{s['criterion']}' to {goal}, "
              f"{s['train_epochs']} training + {s['finetune_epochs']} fine-tuning epochs"
              + (" (SMOKE RUN: tiny data subset)" if s["smoke"] else ""))
     return title + "\n\n" + "\n".join(lines)
@@ -558,15 +585,16 @@ def _round_to_arg(text: str):
     return v
 
 
-def _add_widths(p) -> None:
+def _add_widths(p, backend: str = "onnxruntime") -> None:
     from .widths import BACKENDS, ROUND_TO
 
     p.add_argument("--round-to", type=_round_to_arg, default="auto", metavar="auto|N|none",
                    help="keep channel counts at multiples of N; 'auto' (default) takes the multiple measured "
                         f"fastest for --backend ({', '.join(f'{b}: {m}' for b, m in ROUND_TO.items())}, from "
                         "benchmarks/widths.py); 'none' allows any width")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                   help="runtime the slim model is for; picks the --round-to auto multiple (default onnxruntime)")
+    p.add_argument("--backend", choices=BACKENDS, default=backend,
+                   help=f"runtime the slim model is for; picks the --round-to auto multiple and is where "
+                        f"--target-latency is measured (default {backend})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,7 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="folder for every artifact (default runs/demo)")
     d.add_argument("--model", default="resnet20")
     d.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
-    d.add_argument("--target-flops", type=float, default=0.4, help="fraction of FLOPs to keep (default 0.4)")
+    d.add_argument("--target-latency", type=float, metavar="F",
+                   help=f"fraction of the original's latency to keep, measured in --backend at --latency-batch "
+                        f"(default {DEMO_LATENCY}: the demo's goal; --smoke prunes to 40%% FLOPs instead)")
+    d.add_argument("--latency-batch", type=int, default=32, help="batch size the latency goal is measured at "
+                                                                "(default 32)")
+    d.add_argument("--target-flops", type=float, metavar="F",
+                   help="prune to this fraction of FLOPs instead of a latency goal")
     d.add_argument("--criterion", default="oba", choices=list(oba_fx.COMPRESS_CRITERIA),
                    help="default oba: the demo shows the paper's criterion (`compress` defaults to "
                         f"{oba_fx.DEFAULT_CRITERION}, the accuracy benchmark's choice)")
@@ -591,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--calib-batches", type=int, default=8)
     d.add_argument("--repeats", type=int, default=30, help="timed runs per latency measurement")
-    _add_widths(d)
+    _add_widths(d, backend="pytorch")  # the latency goal binds in PyTorch eager (onnxruntime gains more, measured)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data", help="Fashion-MNIST folder (default $OBA_FX_DATA, then " "/usr/share/datasets/fashion-mnist)")
     d.add_argument("--limit-train", type=int, help=argparse.SUPPRESS)

@@ -205,17 +205,71 @@ def fisher_diagonal(model, calibration, names, loss_fn=None, progress=True, chun
 # groups
 
 
-def _reduce_to_channels(group, per_param: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of a per-parameter score over each channel's member slices."""
+def _reduce_to_channels(group, per_param: dict[str, torch.Tensor],
+                        marginals: dict[str, dict[int, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Sum of a per-parameter score over each channel's member slices (``marginals[name][dim]``: parts of
+    such sums already taken, added on top of ``per_param``)."""
     out = torch.zeros(group.size, dtype=torch.float64)
     for m in group.members:
         s = per_param.get(m.name)
-        if s is None:
+        part = (marginals or {}).get(m.name, {}).get(m.dim)
+        if s is None and part is None:
             continue  # buffers and unscored tensors carry no score
-        dims = [d for d in range(s.ndim) if d != m.dim]
-        along = s.sum(dim=dims) if dims else s
+        along = None
+        if s is not None:
+            dims = [d for d in range(s.ndim) if d != m.dim]
+            along = s.sum(dim=dims) if dims else s
+        if part is not None:
+            along = part if along is None else along + part
         out.index_add_(0, m.channel, along.detach().cpu()[m.index])
     return out
+
+
+#: criteria whose group scores are linear in δ⊙g and δ⊙(second-order product): scored from marginals
+_MARGINAL = {"oba": "H", "oba-network": "F", "oba-gn": "G"}
+
+#: switch for tests (per-parameter scores reduced to groups when False)
+GROUP_MARGINALS = True
+
+
+def _marginal_group_scores(model, groups, calibration, criterion, loss_fn, progress, micro_batch):
+    """Group scores of a criterion in _MARGINAL without any weight's per-parameter score where it is not
+    needed: layers that use a member weight with δ = −θ give the row / column sums of δ⊙g and δ⊙Hδ directly
+    (``curvature(marginals=...)``), which skips their weight-gradient products."""
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
+    dims: dict[str, set] = {}
+    for g in groups:
+        for m in g.members:
+            if m.name in named:
+                dims.setdefault(m.name, set()).add(m.dim)
+    marg = {n: tuple(sorted(d)) for n, d in dims.items()
+            if n in names and named[n].ndim >= 2 and d <= {0, 1}}
+    q = _MARGINAL[criterion]
+    r = curvature(model, _reiterable(calibration), want=("g", q), loss_fn=loss_fn, params=names, progress=progress,
+                  micro_batch=micro_batch, marginals=marg)
+    second = getattr(r, q)
+    per_param = {}
+    for n in names:
+        if n not in r.g and n not in second:
+            continue
+        d = named[n].detach().to(torch.float64, copy=True).neg_()
+        s = r.g[n].mul(d) if n in r.g else torch.zeros_like(d)
+        if n in second:
+            s.add_(second[n].mul_(d), alpha=0.5)
+        per_param[n] = s
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    mg, mq = (r.marginals or {}).get("g", {}), (r.marginals or {}).get(q, {})
+    for n in set(mg) | set(mq):
+        parts[n] = {}
+        for dim in marg[n]:
+            a, b = mg.get(n, {}).get(dim), mq.get(n, {}).get(dim)
+            v = None if a is None else a.clone()
+            if b is not None:
+                v = 0.5 * b if v is None else v.add_(b, alpha=0.5)
+            if v is not None:
+                parts[n][dim] = v
+    return {g.id: _reduce_to_channels(g, per_param, parts) for g in groups}
 
 
 @_dist.accepts_process_group
@@ -254,6 +308,8 @@ def group_scores(
     if criterion == "group-exact":
         return group_exact_scores(graph, calibration, loss_fn, method=method, probes=probes, seed=seed,
                                   progress=progress)[0]
+    if criterion in _MARGINAL and GROUP_MARGINALS and not checkpoint and _dist.current() is None:
+        return _marginal_group_scores(model, groups, calibration, criterion, loss_fn, progress, micro_batch)
     per_param = parameter_scores(model, calibration, criterion, loss_fn, probes=min(probes, 16), seed=seed,
                                  progress=progress, micro_batch=micro_batch, checkpoint=checkpoint)
     return {g.id: _reduce_to_channels(g, per_param) for g in groups}

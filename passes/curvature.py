@@ -19,7 +19,9 @@ forward-over-reverse: one dual forward and one dual backward per quantity.
 
 With the default δ = −θ, linear and convolution layers use an exact shortcut
 (``_NegThetaMode``): the tangent of W·x is W(ẋ − x) and the tangent of its input
-gradient Wᵀ(ġ − g), one product each instead of two.  ``checkpoint=`` recomputes
+gradient Wᵀ(ġ − g), one product each instead of two.  With ``marginals=`` (what
+coupled-group scores need: a weight's δ⊙q summed along its rows or columns) such a
+layer skips its weight-gradient products altogether (``_MarginalLayer``).  ``checkpoint=`` recomputes
 activations segment by segment (``passes/checkpoint.py``).
 
 The model output may be any pytree (a dict such as torchvision segmentation's
@@ -85,6 +87,7 @@ class Curvature:
     T3: dict[str, torch.Tensor] | None = None
     backend: str = "forward-over-reverse"
     batches: int = 0
+    marginals: dict[str, dict[str, dict[int, torch.Tensor]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -269,6 +272,7 @@ def curvature(
     backend: str = "auto",
     micro_batch: int | None = None,
     checkpoint: bool | int = False,
+    marginals: dict[str, Sequence[int]] | None = None,
 ) -> Curvature:
     """One pass over ``calibration`` computing the requested products.
 
@@ -295,6 +299,14 @@ def curvature(
             quantities only (g, H, G, F; not T3).
         backend: "auto" (forward-over-reverse, double backward where an op has
             no forward AD), "fwad" or "double-backward".
+        marginals: ``{param name: dims ⊆ (0, 1)}`` of weights for which only
+            sums of δ⊙q along those dims are needed (coupled-group scores).  A
+            linear or convolution layer using such a weight with δ = −θ then
+            skips its weight-gradient products and ``res.marginals[q][name][dim]``
+            holds the sum of δ⊙q over every other dim from those uses
+            (mean loss, like ``q``); ``res.q[name]`` holds the rest (uses through
+            any other op) and is absent when there were none.  Ignored with
+            ``checkpoint=``, distributed scoring and ``T3``.
 
     Raises:
         CalibrationError: empty data, malformed batches, targets that do not fit
@@ -329,9 +341,19 @@ def curvature(
             raise RecomputeError("checkpoint= works with the forward-over-reverse backend; use backend='auto'")
         with scoring_mode(model):
             sg = SegmentedGraph(model, names, checkpoint)
+    if marginals is not None:
+        bad = {n: tuple(d) for n, d in marginals.items() if n not in scored or not set(d) <= {0, 1}
+               or scored[n].ndim < 2}
+        if bad:
+            raise ValueError(f"marginals= takes scored weights (2-D or more) and dims 0 and 1, got {bad}")
+        if checkpoint or "T3" in want or _dist.current() is not None:
+            marginals = None
+    lazy = set(marginals or ())
     acc: dict[str, dict[str, torch.Tensor]] = {
-        q: {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in scored.items()} for q in want
+        q: {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in scored.items()
+            if n not in lazy} for q in want
     }
+    macc: dict[str, dict[str, dict[int, torch.Tensor]]] = {q: {} for q in want}
     res = Curvature(names=names, direction=direction)
     device = next(iter(scored.values())).device
     try:
@@ -356,7 +378,7 @@ def curvature(
                     try:
                         with _clear_oom():
                             out = _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi,
-                                              sg=sg)
+                                              sg=sg, marginals=marginals)
                         use = "fwad"
                     except NotImplementedError as err:
                         if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
@@ -376,9 +398,20 @@ def curvature(
                                                      want, bi)
                 loss_value, results = out
                 total_loss += n * loss_value
+                for q, vals in results.pop("_marginals", {}).items():
+                    for name, dims in vals.items():
+                        slot = macc[q].setdefault(name, {})
+                        for d, v in dims.items():
+                            if d in slot:
+                                slot[d].add_(v, alpha=n)
+                            else:
+                                slot[d] = v.to(torch.float64) * n
                 for q, vals in results.items():
                     for name, v in vals.items():
-                        acc[q][name].add_(v.to(torch.float64), alpha=n)
+                        if name in acc[q]:
+                            acc[q][name].add_(v.to(torch.float64), alpha=n)
+                        else:
+                            acc[q][name] = v.to(torch.float64) * n
                 res.n_samples += n
             res.batches += 1
     if _dist.current() is not None:  # sums over all ranks' shards, in float64
@@ -388,9 +421,13 @@ def curvature(
     if res.n_samples == 0:
         raise CalibrationError("calibration data is empty: give at least one (inputs, targets) batch")
     for q in want:
-        for name in names:
+        for name in acc[q]:
             acc[q][name].div_(res.n_samples)
+        for dims in macc[q].values():
+            for v in dims.values():
+                v.div_(res.n_samples)
         setattr(res, q, acc[q])
+    res.marginals = macc if marginals is not None else None
     res.loss = total_loss / res.n_samples
     res.backend = "forward-over-reverse" if use == "fwad" else "double-backward"
     return res
@@ -747,16 +784,218 @@ class _DualGelu(torch.autograd.Function):
         return fwAD.make_dual(p, torch.zeros_like(p) if t is None else t), None
 
 
+# --------------------------------------------------------------------------- group marginals
+#
+# A coupled group's score needs a weight's per-parameter score only summed along its member dims: its rows
+# (output channels, dim 0) and columns (input channels, dim 1).  For a layer y = W·x with δ_W = −W those sums
+# need no weight gradient at all.  For rows, Σ_c W_oc (gᵀx)_oc = Σ_n g_no (Wx)_no, and for columns,
+# Σ_o W_oc (gᵀx)_oc = Σ_n x_nc (Wᵀg)_nc.  The same holds for the weight gradient's tangent ġᵀx + gᵀẋ, with
+# Wẋ = ẏ + y and Wᵀġ = (Wᵀġ − Wᵀg) + Wᵀg, which the pass has anyway.  (For convolutions the sums run over
+# batch and space, and for grouped ones the column sum folds the groups together.)  So with marginals a
+# layer's backward costs its two input-gradient products and no weight-gradient product: 4 instead of 7
+# matrix products per layer, plus a few elementwise passes.  The output y (bias included) and its tangent
+# are kept by the mode for the batch.  An in-place op on them afterwards (a ReLU(inplace=True) straight after
+# a bias-carrying conv) bumps their version, and the backward then recomputes them from x.
+
+
+class _Marginals:
+    """Per-batch store of the δ⊙(gradient) and δ⊙(gradient tangent) marginals of routed weights."""
+
+    def __init__(self, by_id: dict[int, tuple[str, tuple[int, ...]]]):
+        self.by_id = by_id
+        self.q = None  # the quantity of the backward now running (set by _batch_fwad)
+        self.records: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
+        self.kept: list = []
+
+    def keep(self, *ts):
+        self.kept.append([ts, [None if t is None else t._version for t in ts]])
+        return len(self.kept) - 1
+
+    def add(self, name: str, part: str, dim: int, vec: torch.Tensor):
+        slot = self.records.setdefault((self.q, name), {}).setdefault(part, {})
+        slot[dim] = vec.to(torch.float64) if dim not in slot else slot[dim].add_(vec.to(torch.float64))
+
+
+def _bview(b, conv, ndim):
+    return b if conv is None else b.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+#: elements per chunk of _dot's products (about 1 MB of float32: the product stays in cache)
+_DOT_CHUNK = 1 << 18
+
+
+def _dots(pairs: list, red: tuple[int, ...]) -> list:
+    """``[(a * b).sum(red) for a, b in pairs]`` (red includes dim 0; every tensor of the same shape, a pair
+    with None gives None) in one loop over chunks along dim 0: no product of the whole size is allocated (those
+    of large activations page-fault in otherwise), and each chunk is read from memory once for all pairs."""
+    live = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not live:
+        return [None] * len(pairs)
+    first = live[0][0]
+    k = max(1, _DOT_CHUNK // max(1, first[0].numel())) if first.ndim else 1
+    sums = None
+    for i in range(0, first.shape[0] if first.ndim else 1, k):
+        part = [(a[i:i + k] * b[i:i + k]).sum(red) if first.ndim else a * b for a, b in live]
+        sums = part if sums is None else [acc.add_(v) for acc, v in zip(sums, part)]
+    it = iter(sums)
+    return [None if a is None or b is None else next(it) for a, b in pairs]
+
+
+def _fold_groups(v: torch.Tensor, groups: int) -> torch.Tensor:
+    return v if groups == 1 else v.reshape(groups, -1).sum(0)
+
+
+class _MarginalLayer(torch.autograd.Function):
+    """``y = W·x + b`` (F.linear or F.conv{1,2,3}d) with δ = −θ on W (and b); the backward returns the input
+    gradient and the bias gradient as dual numbers and writes W's row and column marginals to the store,
+    returning no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, store, name, dims, frozen_bias, conv, stride, padding, dilation, groups):
+        xp, wp = fwAD.unpack_dual(x).primal, fwAD.unpack_dual(w).primal
+        bp = None if b is None else fwAD.unpack_dual(b).primal
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+        ctx.meta = (store, name, dims, conv, stride, padding, dilation, groups, bp)
+        ctx.frozen_bias = frozen_bias  # ḃ = 0 instead of −b (decided by the mode: forward sees no tangents)
+        if conv is None:  # into a fresh tensor: F.linear of an N-d input returns a view, which in-place ops
+            # on a custom Function's output reject (Swin V2's ReLU(inplace=True) after its MLP's linear)
+            o, c = wp.shape
+            y = torch.empty((*xp.shape[:-1], o), dtype=torch.result_type(xp, wp), device=xp.device)
+            x2 = xp.reshape(-1, c)
+            if bp is None:
+                torch.mm(x2, wp.t(), out=y.view(-1, o))
+            else:
+                torch.addmm(bp, x2, wp.t(), out=y.view(-1, o))
+        else:
+            y = conv(xp, wp, bp, stride, padding, dilation, groups)
+        ctx.slot = store.keep(y, None)
+        return y
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, *_):
+        store, _, _, conv, stride, padding, dilation, groups, bp = ctx.meta
+        kept = store.kept[ctx.slot]
+        y = kept[0][0]
+        if x_t is None:  # ẏ = −Wx − b = −y (or −Wx = b − y for a frozen bias); Wẋ = 0
+            return _bview(bp, conv, y.ndim) - y if ctx.frozen_bias else -y
+        x, w = (fwAD.unpack_dual(v).primal for v in ctx.saved_tensors)
+        if conv is None:
+            k = y.shape[-1]
+            yt = torch.addmm(y.reshape(-1, k), x_t.reshape(-1, x_t.shape[-1]), w.t(), beta=-1).reshape(y.shape)
+        else:
+            yt = conv(x_t, w, None, stride, padding, dilation, groups).sub_(y)
+        if ctx.frozen_bias:
+            yt = yt.add_(_bview(bp, conv, y.ndim))
+        kept[0] = (y, yt)
+        kept[1] = [y._version, yt._version]
+        return yt
+
+    @staticmethod
+    def backward(ctx, g):
+        store, name, dims, conv, stride, padding, dilation, groups, bp = ctx.meta
+        x, w = ctx.saved_tensors
+        xshape = x.shape
+        xp, xt = fwAD.unpack_dual(x)
+        wp = fwAD.unpack_dual(w).primal
+        gp, gt = fwAD.unpack_dual(g)
+        (y, yt), versions = store.kept[ctx.slot]
+        dirty = y._version != versions[0] or (yt is not None and yt._version != versions[1])
+        # the kept output is the very tensor forward AD attached ẏ to: its primal only (else every product with it
+        # below would carry a tangent product too)
+        y = fwAD.unpack_dual(y).primal
+        yt = None if yt is None else fwAD.unpack_dual(yt).primal
+        if dirty:  # modified in place after the forward: recompute from x (exact, one or two more products)
+            y = F.linear(xp, wp, bp) if conv is None else conv(xp, wp, bp, stride, padding, dilation, groups)
+            yt = None
+            if xt is not None:
+                wx = F.linear(xt, wp) if conv is None else conv(xt, wp, None, stride, padding, dilation, groups)
+                yt = wx.sub_(y)
+                if ctx.frozen_bias:
+                    yt = yt.add_(_bview(bp, conv, y.ndim))
+        if conv is None:
+            red = (0,)
+            o, c = wp.shape[0], wp.shape[-1]
+            xp, xt = xp.reshape(-1, c), None if xt is None else xt.reshape(-1, c)
+            gp, gt = gp.reshape(-1, o), None if gt is None else gt.reshape(-1, o)
+            y, yt = y.reshape(-1, o), None if yt is None else yt.reshape(-1, o)
+        else:
+            red = (0,) + tuple(range(2, gp.ndim))
+            nd = wp.ndim - 2
+            expand = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * nd  # noqa: E731
+            st, pd, dl = expand(stride), expand(padding), expand(dilation)
+        need_x = ctx.needs_input_grad[0]
+        need_b = bp is not None and ctx.needs_input_grad[2]
+        fold = groups if conv is not None else 1
+        sums = need_b or (0 in dims and bp is not None)
+        gsum = gp.sum(red) if sums else None
+        gtsum = gt.sum(red) if sums and gt is not None else None
+        if 0 in dims:
+            # rows: −Σ g⊙(Wx) and −Σ (ġ⊙(Wx) + g⊙(Wẋ)), with Wx = y − b and Wẋ = ẏ + y (− b when b is frozen)
+            gy, gty, gyt = _dots([(gp, y), (gt, y), (gp, yt)], red)
+            store.add(name, "prim", 0, -(gy if bp is None else gy - bp * gsum))
+            rt = None
+            if gty is not None:
+                rt = gty if bp is None else gty - bp * gtsum
+            if gyt is not None:
+                wxt = gyt + gy if not ctx.frozen_bias else gyt + gy - bp * gsum
+                rt = wxt if rt is None else rt + wxt
+            if rt is not None:
+                store.add(name, "tan", 0, -rt)
+        p = t = None  # Wᵀg and Wᵀġ − Wᵀg (the input gradient and its tangent)
+        if need_x or 1 in dims:
+            if conv is None:
+                p = gp @ wp
+                if gt is not None:
+                    # Wᵀ(ġ − g): the difference on the narrower side of the product
+                    t = (gt - gp) @ wp if wp.shape[0] < wp.shape[1] else torch.addmm(p, gt, wp, beta=-1)
+            else:
+                def back(grad):
+                    return torch.ops.aten.convolution_backward(grad, xp, wp, None, st, pd, dl, False, [0] * nd,
+                                                               groups, [True, False, False])[0]
+                p = back(gp)
+                if gt is not None:
+                    t = back(gt).sub_(p)
+        if 1 in dims:
+            # columns: −Σ x⊙(Wᵀg) and −Σ (x⊙(Wᵀġ) + ẋ⊙(Wᵀg)), with Wᵀġ = t + Wᵀg
+            xg, xtt, xtg = _dots([(xp, p), (xp, t), (xt, p)], red)
+            store.add(name, "prim", 1, _fold_groups(-xg, fold))
+            ct = None if xtt is None else xtt + xg
+            if xtg is not None:
+                ct = xtg if ct is None else ct + xtg
+            if ct is not None:
+                store.add(name, "tan", 1, _fold_groups(-ct, fold))
+        gx = gb = None
+        if need_x:
+            gx = fwAD.make_dual(p.reshape(xshape), (t if t is not None else -p).reshape(xshape))
+        if need_b:
+            gb = fwAD.make_dual(gsum.reshape(bp.shape), (gtsum if gtsum is not None else torch.zeros_like(gsum))
+                                .reshape(bp.shape))
+        return gx, None, gb, None, None, None, None, None, None, None, None, None
+
+
 class _NegThetaMode(torch.overrides.TorchFunctionMode):
     """Routes F.linear / F.conv{1,2,3}d whose weight has tangent −weight, eval-mode F.batch_norm whose
     weight (and bias) do, and F.gelu whose input has a tangent, to the functions above."""
 
     CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
-    def __init__(self):
+    def __init__(self, marginals: _Marginals | None = None):
         super().__init__()
         self.hits = 0  # δ = −θ shortcuts taken (their condition is on the direction)
         self.gelu_hits = 0  # dual GELUs (exact for any direction)
+        self.marginal_hits = 0  # layers whose weight gave marginals instead of a weight gradient
+        self.marginals = marginals
+
+    def _marginal(self, w, b, x):
+        """(name, dims) when this weight is a routed leaf with δ = −θ (and its bias too, or none)."""
+        if self.marginals is None or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return None
+        hit = self.marginals.by_id.get(id(w))
+        frozen = b is not None and fwAD.unpack_dual(b).tangent is None
+        if hit is None or not _is_neg_theta(w) or not (b is None or frozen or _is_neg_theta(b)):
+            return None
+        return (*hit, frozen)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -783,6 +1022,12 @@ class _NegThetaMode(torch.overrides.TorchFunctionMode):
             return func(*args, **kwargs)
         if func is F.linear:
             a = {"bias": None, **dict(zip(("input", "weight", "bias"), args)), **kwargs}
+            hit = self._marginal(a.get("weight"), a["bias"], a.get("input"))
+            if hit is not None:
+                self.hits += 1
+                self.marginal_hits += 1
+                return _MarginalLayer.apply(a["input"], a["weight"], a["bias"], self.marginals, *hit, None, 1, 0,
+                                            1, 1)
             if _is_neg_theta(a.get("weight")):
                 self.hits += 1
                 y = _NegThetaLinear.apply(a["input"], a["weight"])
@@ -791,6 +1036,12 @@ class _NegThetaMode(torch.overrides.TorchFunctionMode):
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
+            hit = None if isinstance(a["padding"], str) else self._marginal(a["weight"], a["bias"], a["input"])
+            if hit is not None:
+                self.hits += 1
+                self.marginal_hits += 1
+                return _MarginalLayer.apply(a["input"], a["weight"], a["bias"], self.marginals, *hit, func,
+                                            a["stride"], a["padding"], a["dilation"], a["groups"])
             if not isinstance(a["padding"], str) and _is_neg_theta(a["weight"]):
                 self.hits += 1
                 y = _NegThetaConv.apply(a["input"], a["weight"], func, a["stride"], a["padding"], a["dilation"],
@@ -800,7 +1051,7 @@ class _NegThetaMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi, sg=None):
+def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi, sg=None, marginals=None):
     names = list(scored)
     leaves = [scored[n].detach().requires_grad_(True) for n in names]
     if "T3" in want:
@@ -823,10 +1074,15 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
         _check_finite(results["g"], "the gradient", bi)
         return float(loss.detach()), results
     dirs = {n: direction[n].to(leaf.dtype) for leaf, n in zip(leaves, names)}
-    fast = _NegThetaMode() if FAST_NEG_THETA else contextlib.nullcontext()
+    store = None
+    if marginals and sg is None and FAST_NEG_THETA:
+        store = _Marginals({})
+    fast = _NegThetaMode(store) if FAST_NEG_THETA else contextlib.nullcontext()
     with fwAD.dual_level(), fast:
         if sg is None:
             duals = [fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)]
+            if store is not None:
+                store.by_id = {id(d): (n, tuple(marginals[n])) for d, n in zip(duals, names) if n in marginals}
             out = stateless.call(model, dict(zip(names, duals)), inputs)
         else:
             out, saved = sg.forward({n: fwAD.make_dual(leaf, dirs[n]) for leaf, n in zip(leaves, names)}, inputs)
@@ -853,12 +1109,16 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
         if sg is not None:  # all cotangents in one recomputing backward
             all_grads = sg.backward(saved, dict(zip(names, leaves)), dirs, [res.full(cot) for _, cot in plan])
         for i, (q, cot) in enumerate(plan):
+            if store is not None:
+                store.q = q
             if sg is None:
                 grads = _vjp(outs, leaves, cot, retain_graph=i < len(plan) - 1)
             else:
                 grads = all_grads[i]
             prim, tang = {}, {}
             for n, gr, leaf in zip(names, grads, leaves):
+                if gr is None and store is not None and n in marginals:
+                    continue  # only marginals (or nothing) for this weight
                 if gr is None:
                     prim[n] = torch.zeros_like(leaf)
                     tang[n] = torch.zeros_like(leaf)
@@ -873,13 +1133,40 @@ def _batch_fwad(model, scored, direction, inputs, targets, loss_fn, user_loss, w
                     results["g"] = prim
                 if q != "g":
                     results[q] = tang
+        marg: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+        if store is not None:
+            g_from = next(q for q, _ in plan if q != "G")
+            for (q, n), parts in store.records.items():
+                if q == "G":
+                    marg.setdefault("G", {})[n] = parts.get("prim", {})
+                    continue
+                if q == g_from:
+                    marg.setdefault("g", {})[n] = parts.get("prim", {})
+                if q != "g":
+                    marg.setdefault(q, {})[n] = parts.get("tan", {})
+            store.kept.clear()
     if "G" in want and "G" not in results:
-        results["G"] = {n: results["H"][n] - results["F"][n] for n in names}
+        results["G"] = {n: _sub(results["H"].get(n), results["F"].get(n)) for n in names
+                        if n in results["H"] or n in results["F"]}
+        if marg:
+            marg["G"] = {n: {d: v for d in marginals[n]
+                             if (v := _sub(marg.get("H", {}).get(n, {}).get(d), marg.get("F", {}).get(n, {}).get(d)))
+                             is not None} for n in set(marg.get("H", {})) | set(marg.get("F", {}))}
+    for q, vals in marg.items():
+        _check_finite({f"{n}[dim {d}]": v for n, m in vals.items() for d, v in m.items()}, f"the {q} marginals", bi)
+    if store is not None:
+        results["_marginals"] = {q: v for q, v in marg.items() if q in want}
     _check_finite(results["g"] if "g" in results else {}, "the gradient", bi)
     for q in ("H", "G", "F"):
         if q in results:
             _check_finite(results[q], f"the {q}δ product", bi)
-    return float(loss), {q: v for q, v in results.items() if q in want}
+    return float(loss), {q: v for q, v in results.items() if q in want or q == "_marginals"}
+
+
+def _sub(a, b):
+    if a is None:
+        return None if b is None else -b
+    return a if b is None else a - b
 
 
 def _batch_double_backward(model, scored, direction, inputs, targets, loss_fn, user_loss, want, bi):

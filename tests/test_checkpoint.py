@@ -137,7 +137,10 @@ def test_scores_and_compress_unchanged(criterion, recomputes):
     b = oba_fx.group_scores(graph, cal, criterion, probes=2, progress=False, checkpoint=True)
     assert recomputes
     for gid in a:
-        assert torch.allclose(a[gid], b[gid], rtol=1e-5, atol=1e-9), gid
+        # float32: without checkpoint= the oba criteria take the row/column-marginal route, with it the
+        # per-parameter one; both sum the same products in a different order (each is 1e-6 of the group's largest
+        # score from float64, measured), so the tolerance is relative to that largest score
+        assert torch.allclose(a[gid], b[gid], rtol=1e-5, atol=1e-5 * float(b[gid].abs().max())), gid
     if criterion == "oba":
         r1 = oba_fx.compress(model, cal[0][0][:2], cal, target_flops=0.6, criterion="oba", progress=False)
         recomputes.clear()

@@ -253,6 +253,31 @@ def test_demo_smoke(fmnist_dir, tmp_path, capsys):
         assert (out / f).exists(), f
 
 
+def test_demo_smoke_latency_goal(fmnist_dir, tmp_path, capsys, monkeypatch):
+    """The demo's default kind of goal, a fraction of the PyTorch latency (--smoke alone prunes to 40% FLOPs):
+    the latency table is measured for real (here at batch 16, into a fresh cache), the result is re-measured, and
+    the summary and title carry the goal and the measurement."""
+    monkeypatch.setenv("OBA_FX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--smoke", "--data", fmnist_dir, "--out", out, "--epochs", 1, "--finetune-epochs", 0,
+                   "--calib-batches", 2, "--repeats", 2, "--batch-size", 64, "--target-latency", 0.9,
+                   "--latency-batch", 16) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["target_latency"], s["backend"], s["latency_batch"], s["target_flops"]) == (0.9, "pytorch", 16, None)
+    lat = s["latency"]
+    assert lat["backend"] == "pytorch" and lat["batch"] == 16 and lat["target_fraction"] == 0.9
+    assert 0 < lat["measured_fraction"] <= 1.5 and s["flops_after"] < s["flops_before"]
+    assert any((tmp_path / "cache" / "latency").iterdir()), "the per-layer table was not cached"
+    assert "90% of its pytorch latency at batch 16" in (out / "summary.md").read_text()
+
+
+def test_demo_rejects_two_goals(tmp_path, capsys):
+    """Checked before any training starts (nothing is written)."""
+    assert main(["demo", "--out", str(tmp_path / "d"), "--target-flops", "0.4", "--target-latency", "0.5"]) == 2
+    assert "give one of --target-flops and --target-latency" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 # --------------------------------------------------------------------------- user errors: one line, exit 2
 
 def _cli_subprocess(*argv, env=None):
