@@ -41,6 +41,7 @@ def measure_latency(
     progress: bool = True,
     pytorch: bool = True,
     channels_last: bool = False,
+    compiled: bool = False,
 ) -> dict:
     """Median latency (ms) of each model per backend and batch size.
 
@@ -48,7 +49,8 @@ def measure_latency(
     in machine load hits all models alike.  Inputs are random normal.
 
     Args:
-        models: name -> module (run in eval mode under ``torch.no_grad``).
+        models: name -> module (run in eval mode under ``torch.no_grad``; each module's training flag
+            is restored afterwards).
         input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
         onnx: also export each model (verified, see ``oba_fx.export_onnx``) and
             time it in onnxruntime.
@@ -57,6 +59,9 @@ def measure_latency(
         channels_last: also time PyTorch eager in the channels-last memory format (backend
             ``"pytorch-channels_last"``: a copy of each model and the input converted with
             ``memory_format=torch.channels_last``; 4-D inputs only). The models are not changed.
+        compiled: also time ``torch.compile(model, dynamic=False)`` (backend ``"pytorch-compiled"``,
+            inductor's default mode). Compilation happens in the first warm-up run of each batch size and is
+            not timed; those rows record it as ``compile_s``. The models are not changed.
 
     Returns:
         ``{"rows": [{"model", "backend", "batch", "median_ms", "p10_ms", "p90_ms", "runs"}],
@@ -67,6 +72,7 @@ def measure_latency(
     threads = threads or torch.get_num_threads()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    was_training = {name: [mod.training for mod in m.modules()] for name, m in models.items()}
     for m in models.values():
         m.eval()
     rows = []
@@ -79,12 +85,14 @@ def measure_latency(
             if channels_last and len(input_shape) != 3:
                 raise ValueError(f"channels_last needs image inputs (one sample's shape C, H, W), got {input_shape}")
             backends = ((["pytorch"] if pytorch else []) + (["pytorch-channels_last"] if channels_last else [])
-                        + (["onnxruntime"] if onnx else []))
+                        + (["pytorch-compiled"] if compiled else []) + (["onnxruntime"] if onnx else []))
             cl = {}
             if channels_last:
                 import copy
 
                 cl = {name: copy.deepcopy(m).to(memory_format=torch.channels_last) for name, m in models.items()}
+            # a wrapper around the module: the user's model stays as it is (unlike ``m.compile()``)
+            tc = {name: torch.compile(m, dynamic=False) for name, m in models.items()} if compiled else {}
             if not backends:
                 raise ValueError("measure_latency: nothing to time (pytorch=False and onnx=False)")
             jobs = [(b, bs) for bs in batch_sizes for b in backends]
@@ -103,15 +111,21 @@ def measure_latency(
                     elif backend == "pytorch-channels_last":
                         xc = x.contiguous(memory_format=torch.channels_last)
                         runners[name] = (lambda m=cl[name], xc=xc: m(xc))
+                    elif backend == "pytorch-compiled":
+                        runners[name] = (lambda m=tc[name]: m(x))
                     else:
                         sess = sessions[name]
                         feed = {sess.get_inputs()[0].name: xn}
                         runners[name] = (lambda s=sess, f=feed: s.run(None, f))
                 times = {name: [] for name in models}
+                first = {}
                 with torch.no_grad():
-                    for _ in range(warmup):
-                        for run in runners.values():
+                    for i in range(max(warmup, 1 if backend == "pytorch-compiled" else 0)):
+                        for name, run in runners.items():
+                            t = time.perf_counter()
                             run()
+                            if i == 0:
+                                first[name] = time.perf_counter() - t
                     for _ in range(repeats):
                         for name, run in runners.items():
                             t = time.perf_counter()
@@ -121,8 +135,13 @@ def measure_latency(
                     q = statistics.quantiles(ts, n=10) if len(ts) > 1 else [ts[0]] * 9
                     rows.append({"model": name, "backend": backend, "batch": bs, "median_ms": statistics.median(ts),
                                  "p10_ms": q[0], "p90_ms": q[-1], "runs": len(ts)})
+                    if backend == "pytorch-compiled":
+                        rows[-1]["compile_s"] = first[name]
     finally:
         torch.set_num_threads(old_threads)
+        for name, m in models.items():  # timing runs in eval mode; the caller's modes come back
+            for mod, flag in zip(m.modules(), was_training[name]):
+                mod.training = flag
     if "original" in models:
         base = {(r["backend"], r["batch"]): r["median_ms"] for r in rows if r["model"] == "original"}
         for r in rows:

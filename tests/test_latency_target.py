@@ -164,3 +164,35 @@ def test_real_timers_write_the_table_once(monkeypatch, tmp_path):
     assert rep["measured_fraction"] < 1 and res.report["flops"]["ratio"] < 1
     oba_fx.compress(net, x, data, **kw)
     assert len(calls) == first, "the cached table was measured again"
+
+
+def test_target_latency_leaves_a_training_model_in_training_mode(monkeypatch, tmp_path):
+    """The original is timed in eval mode; the user's model keeps its own modes (dropout stays live)."""
+    monkeypatch.setenv("OBA_FX_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    net = nn.Sequential(Net(), nn.Dropout(0.5)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 48, 48)
+    data = [(torch.randn(4, 3, 48, 48), torch.randint(0, 10, (4,)))]
+    res = oba_fx.compress(net, x, data, target_latency=0.9, backend="pytorch", criterion="magnitude",
+                          progress=False, round_to=None)
+    assert all(m.training for m in net.modules()), [n for n, m in net.named_modules() if not m.training]
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert res.model.training  # the slim model takes the original's mode
+
+
+def test_measure_latency_compiled_rows_and_modes_restored():
+    """``compiled=True`` times torch.compile'd wrappers: one row per model and batch with its compile time; the
+    models themselves are neither compiled nor left in eval mode."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 4)).train()
+    b = nn.Sequential(nn.Linear(8, 4)).eval()
+    res = oba_fx.measure_latency({"original": a, "slim": b}, (8,), batch_sizes=(1, 3), repeats=2, warmup=1,
+                                 onnx=False, progress=False, compiled=True)
+    rows = {(r["model"], r["backend"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {(m, k, n) for m in ("original", "slim") for k in ("pytorch", "pytorch-compiled")
+                         for n in (1, 3)}
+    assert all(r["compile_s"] > 0 for k, r in rows.items() if k[1] == "pytorch-compiled")
+    assert not any("compile_s" in r for k, r in rows.items() if k[1] == "pytorch")
+    assert all(m.training for m in a.modules()) and not any(m.training for m in b.modules())
+    assert type(a) is nn.Sequential and not hasattr(a, "_orig_mod")
