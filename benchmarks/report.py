@@ -534,6 +534,26 @@ def eager_breakdown(d: dict) -> list[str]:
     return out
 
 
+def pytorch_modes(d: dict) -> list[str]:
+    """Eager, channels-last and torch.compile for original and slim: which way runs the slim model fastest."""
+    out = ["## Which PyTorch way runs the slim model fastest", "", d["description"] + ".", "",
+           f"Machine: {_machine(d['machine'])}, {d['threads']} threads", "", f"Command: `{d['command']}`", "",
+           "*Same way*: slim against original run the same way. *Vs eager original*: slim in this way against the "
+           "original in plain eager. **Bold**: the fastest way for the slim model (`oba_fx.pytorch_guidance`: it "
+           "must beat eager by 5%, else eager is the advice).", "",
+           "| model | batch | way | FLOPs kept | original ms | slim ms | speed-up, same way | vs eager original | "
+           "compile s (original / slim) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        c = r["compile_s"]
+        comp = f"{c['original']:.0f} / {c['slim']:.0f}" if c.get("slim") is not None else ""
+        way = f"**{r['mode']}**" if r["best_for_slim"] else r["mode"]
+        out.append(f"| {r['model']} | {r['batch']} | {way} | {r['flops_ratio']:.1%} | {r['original_ms']:.2f} | "
+                   f"{r['slim_ms']:.2f} | {r['speedup_same_mode']:.2f}× | {r['speedup_vs_eager_original']:.2f}× | "
+                   f"{comp} |")
+    out.append("")
+    return out
+
+
 INVESTIGATE = "investigate: faster than its FLOPs reduction"
 
 
@@ -630,9 +650,9 @@ def coverage(d: dict) -> list[str]:
 
 RENDERERS = {"scoring_cost": scoring_cost, "fidelity": fidelity, "accuracy": accuracy, "speedup": speedup,
              "widths": widths, "latency_target": latency_target, "eager_breakdown": eager_breakdown,
-             "coverage": coverage}
+             "pytorch_modes": pytorch_modes, "coverage": coverage}
 ORDER = ["fidelity", "accuracy", "scoring_cost", "speedup", "widths", "latency_target", "eager_breakdown",
-         "coverage"]
+         "pytorch_modes", "coverage"]
 
 
 def recommend(acc: dict) -> dict:

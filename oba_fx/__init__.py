@@ -24,7 +24,7 @@ from .data import DATASETS, DatasetNotFound, DataSpec, get_dataset
 from .export import OnnxMismatch, export_onnx, load, save
 from .finetune import finetune
 from .graph import Graph, trace
-from .latency import measure_latency
+from .latency import measure_latency, pytorch_guidance
 from .compress import COMPRESS_CRITERIA, DEFAULT_CRITERION, DEFAULT_NORMALIZE
 from .scoring import CRITERIA, group_exact_scores, group_scores, parameter_scores, rank_scores
 from .train import CheckpointError, evaluate, load_checkpoint, train
@@ -42,5 +42,5 @@ __all__ = [
     "save", "load", "export_onnx", "OnnxMismatch",
     "TraceFailure", "RewriteError", "UnknownOpWarning",
     "get_dataset", "DataSpec", "DATASETS", "DatasetNotFound", "train", "evaluate", "load_checkpoint",
-    "CheckpointError", "measure_latency", "ROUND_TO", "compensate", "reestimate_batchnorm", "CalibrationError",
+    "CheckpointError", "measure_latency", "pytorch_guidance", "ROUND_TO", "compensate", "reestimate_batchnorm", "CalibrationError",
 ]

@@ -428,15 +428,24 @@ def cmd_export(args) -> int:
     return 0
 
 
-def run_bench(models: dict, shape, batch_sizes, repeats: int, json_path: Path | None, onnx: bool = True) -> dict:
-    from .latency import measure_latency
+def run_bench(models: dict, shape, batch_sizes, repeats: int, json_path: Path | None, onnx: bool = True,
+              channels_last: bool = False, compiled: bool = False) -> dict:
+    from .latency import measure_latency, pytorch_guidance
 
-    res = measure_latency(models, shape, batch_sizes=batch_sizes, repeats=repeats, onnx=onnx)
-    _log(f"{'model':<10} {'backend':<12} {'batch':>5} {'median ms':>10} {'p10':>8} {'p90':>8} {'speed-up':>9}")
+    res = measure_latency(models, shape, batch_sizes=batch_sizes, repeats=repeats, onnx=onnx,
+                          channels_last=channels_last, compiled=compiled)
+    _log(f"{'model':<10} {'backend':<21} {'batch':>5} {'median ms':>10} {'p10':>8} {'p90':>8} {'speed-up':>9}")
     for r in res["rows"]:
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        _log(f"{r['model']:<10} {r['backend']:<12} {r['batch']:>5} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} "
+        _log(f"{r['model']:<10} {r['backend']:<21} {r['batch']:>5} {r['median_ms']:>10.3f} {r['p10_ms']:>8.3f} "
              f"{r['p90_ms']:>8.3f} {sp:>9}")
+    if channels_last or compiled:
+        res["pytorch_guidance"] = pytorch_guidance(res["rows"])
+        for g in res["pytorch_guidance"]:
+            advice = ("eager in the default memory format is fastest (no other mode gains 5%)"
+                      if g["best"] == "pytorch" else
+                      f"run it as {g['best']}: {g['gain']:.2f}x eager ({g['best_ms']:.3f} ms vs {g['eager_ms']:.3f})")
+            _log(f"PyTorch guidance, {g['model']} at batch {g['batch']}: {advice}")
     if json_path:
         write_json(json_path, res)
         _log(f"wrote {json_path}")
@@ -454,7 +463,7 @@ def cmd_bench(args) -> int:
             raise UserError(f"--baseline takes inputs {binfo['input_shape']} but the model takes {info['input_shape']}")
         models = {"original": base, "slimmed": model}
     run_bench(models, _shape_of(info), args.batch_sizes, args.repeats, Path(args.json) if args.json else None,
-              onnx=not args.no_onnx)
+              onnx=not args.no_onnx, channels_last=args.channels_last, compiled=args.compile)
     return 0
 
 
@@ -700,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--input-shape", help="one sample's shape C,H,W (default: recorded in the checkpoint)")
     b.add_argument("--no-onnx", action="store_true", help="PyTorch only")
+    b.add_argument("--channels-last", action="store_true",
+                   help="also time PyTorch eager in the channels-last memory format (4-D inputs)")
+    b.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(model) (compilation is not timed); with --channels-last or "
+                        "--compile, bench says which PyTorch way runs each model fastest")
     b.add_argument("--json", help="write the timings as JSON here")
     b.set_defaults(fn=cmd_bench)
 

@@ -10,7 +10,10 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-__all__ = ["measure_latency", "ort_session"]
+__all__ = ["measure_latency", "ort_session", "pytorch_guidance"]
+
+#: the PyTorch ways to run a model that measure_latency can time
+PYTORCH_MODES = ("pytorch", "pytorch-channels_last", "pytorch-compiled")
 
 
 def ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: str, threads: int,
@@ -147,3 +150,27 @@ def measure_latency(
         for r in rows:
             r["speedup"] = base[(r["backend"], r["batch"])] / r["median_ms"]
     return {"rows": rows, "threads": threads, "repeats": repeats, "input_shape": list(input_shape)}
+
+
+def pytorch_guidance(rows: list[dict], min_gain: float = 1.05) -> list[dict]:
+    """Per (model, batch): the fastest of the PyTorch ways timed in ``rows`` (``measure_latency``'s), against
+    eager in the default memory format.
+
+    A mode is recommended only when it beats eager by ``min_gain`` (5%: below that, run-to-run noise); else
+    the advice is plain eager. Returns ``[{"model", "batch", "best", "gain", "eager_ms", "best_ms", "modes"}]``
+    where ``gain`` = eager ms / best ms and ``modes`` maps each timed mode to its median ms.
+    """
+    by = {}
+    for r in rows:
+        if r["backend"] in PYTORCH_MODES:
+            by.setdefault((r["model"], r["batch"]), {})[r["backend"]] = r["median_ms"]
+    out = []
+    for (model, batch), modes in by.items():
+        if "pytorch" not in modes or len(modes) < 2:
+            continue
+        eager = modes["pytorch"]
+        fastest = min(modes, key=modes.get)
+        best = fastest if eager / modes[fastest] >= min_gain else "pytorch"
+        out.append({"model": model, "batch": batch, "best": best, "gain": eager / modes[best], "eager_ms": eager,
+                    "best_ms": modes[best], "modes": dict(modes)})
+    return out

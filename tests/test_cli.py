@@ -218,6 +218,14 @@ def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
     assert {(r["model"], r["backend"], r["batch"]) for r in rows} == {
         (m, b, n) for m in ("original", "slimmed") for b in ("pytorch", "onnxruntime") for n in (1, 32)}
     assert all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    capsys.readouterr()
+    assert run_cli("bench", out / "model.pt", "--no-onnx", "--channels-last", "--compile", "--batch-sizes", 2,
+                   "--repeats", 2, "--json", tmp_path / "m.json") == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert {r["backend"] for r in res["rows"]} == {"pytorch", "pytorch-channels_last", "pytorch-compiled"}
+    (g,) = res["pytorch_guidance"]
+    assert g["model"] == "model" and g["batch"] == 2 and g["best"] in g["modes"]
+    assert "PyTorch guidance, model at batch 2: " in capsys.readouterr().out
 
 
 def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_path):

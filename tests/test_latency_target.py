@@ -196,3 +196,16 @@ def test_measure_latency_compiled_rows_and_modes_restored():
     assert not any("compile_s" in r for k, r in rows.items() if k[1] == "pytorch")
     assert all(m.training for m in a.modules()) and not any(m.training for m in b.modules())
     assert type(a) is nn.Sequential and not hasattr(a, "_orig_mod")
+
+
+def test_pytorch_guidance_by_hand():
+    rows = [{"model": "slim", "backend": b, "batch": n, "median_ms": ms} for b, n, ms in [
+        ("pytorch", 1, 10.0), ("pytorch-channels_last", 1, 12.0), ("pytorch-compiled", 1, 5.0),
+        ("pytorch", 32, 100.0), ("pytorch-channels_last", 32, 97.0), ("pytorch-compiled", 32, 150.0),
+        ("onnxruntime", 32, 10.0)]]  # another runtime is never PyTorch guidance
+    g = {r["batch"]: r for r in oba_fx.pytorch_guidance(rows)}
+    assert g[1]["best"] == "pytorch-compiled" and g[1]["gain"] == pytest.approx(2.0)
+    assert g[1]["modes"] == {"pytorch": 10.0, "pytorch-channels_last": 12.0, "pytorch-compiled": 5.0}
+    # 3% faster is within noise: plain eager stays the advice
+    assert g[32]["best"] == "pytorch" and g[32]["gain"] == 1.0 and g[32]["best_ms"] == 100.0
+    assert oba_fx.pytorch_guidance(rows[:1]) == []  # eager alone: nothing to compare
