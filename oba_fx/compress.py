@@ -31,6 +31,7 @@ import torch.nn as nn
 from passes import distributed as _dist
 from passes.curvature import CalibrationError, _check_targets, _to, default_loss, scoring_mode, split_batch
 from passes.compensate import DEFAULT_DAMPING
+from passes.modes import apply_modes
 from passes.norm_stats import reestimate_batchnorm
 from passes.rewrite import rewrite
 from passes.trace import TracedGraph
@@ -730,7 +731,7 @@ def compress(
         current = slim
     if current is model:
         current = trace(model, args, leaf_modules=leaf_modules, ignore=ignore).gm
-        current.train(model.training)
+        apply_modes(current, {name: m.training for name, m in model.named_modules()}, model.training)
     cost1 = forward_cost(current, args, on=method)
     flops1, params1 = cost1.flops, cost1.params
     report = {

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from passes.trace import as_args
+from passes.modes import kept_modes
 
 from .io import atomic_write
 
@@ -110,9 +111,7 @@ def export_onnx(
 
     args = as_args(example_inputs)
     names = [f"input_{i}" for i in range(len(args))] if len(args) > 1 else ["input"]
-    was = model.training
-    model.eval()
-    try:
+    with kept_modes(model, training=False):
         with torch.no_grad():
             ref = model(*args)
         out_names, refs = output_names(ref)
@@ -153,8 +152,6 @@ def export_onnx(
                                        f"(tolerance {rtol:.0e}); the file was not written")
 
         return atomic_write(path, write)
-    finally:
-        model.train(was)
 
 
 def output_names(output) -> tuple[list[str], list[torch.Tensor]]:

@@ -1,6 +1,7 @@
 """Latency of models in PyTorch eager and onnxruntime: medians of repeated, interleaved runs."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
@@ -9,6 +10,8 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+
+from passes.modes import kept_modes
 
 __all__ = ["measure_latency", "ort_session", "pytorch_guidance"]
 
@@ -75,12 +78,11 @@ def measure_latency(
     threads = threads or torch.get_num_threads()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    was_training = {name: [mod.training for mod in m.modules()] for name, m in models.items()}
-    for m in models.values():
-        m.eval()
     rows = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as modes:
+            for m in models.values():  # timed in eval mode; each module's own flag comes back afterwards
+                modes.enter_context(kept_modes(m, training=False))
             sessions = {}
             if onnx:
                 for name, m in models.items():
@@ -142,9 +144,6 @@ def measure_latency(
                         rows[-1]["compile_s"] = first[name]
     finally:
         torch.set_num_threads(old_threads)
-        for name, m in models.items():  # timing runs in eval mode; the caller's modes come back
-            for mod, flag in zip(m.modules(), was_training[name]):
-                mod.training = flag
     if "original" in models:
         base = {(r["backend"], r["batch"]): r["median_ms"] for r in rows if r["model"] == "original"}
         for r in rows:

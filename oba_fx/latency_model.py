@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from passes.modes import kept_modes
+
 from .io import write_json
 
 __all__ = ["Layer", "LatencyModel", "LatencyTarget", "cache_dir", "find_layers", "layer_members", "time_module"]
@@ -109,10 +111,8 @@ def find_layers(gm: torch.fx.GraphModule, example_args: tuple) -> list[Layer]:
             lambda m, inp, out, name=name: seen.setdefault(name, []).append(tuple(inp[0].shape[1:]))))
     try:
         with torch.no_grad():
-            was = gm.training
-            gm.eval()
-            gm(*example_args)
-            gm.train(was)
+            with kept_modes(gm, training=False):
+                gm(*example_args)
     finally:
         for h in hooks:
             h.remove()

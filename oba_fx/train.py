@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from passes.curvature import _to, default_loss, split_batch
+from passes.modes import kept_modes
 
 from .finetune import cosine_lambda, optimizer_step
 from .io import atomic_write
@@ -43,8 +44,6 @@ def evaluate(model: nn.Module, data, loss_fn: Callable | None = None, progress: 
              desc: str = "eval") -> dict:
     """Top-1 accuracy and mean loss of ``model`` over ``data`` (batches of (inputs, targets))."""
     loss_fn = loss_fn or default_loss
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     it = data
     if progress:
@@ -52,7 +51,7 @@ def evaluate(model: nn.Module, data, loss_fn: Callable | None = None, progress: 
 
         it = tqdm(data, desc=desc, leave=False)
     correct, total, loss_sum = 0, 0, 0.0
-    try:
+    with kept_modes(model, training=False):
         for bi, batch in enumerate(it):
             inputs, targets = split_batch(batch, bi)
             inputs, targets = _to(inputs, device), _to(targets, device)
@@ -61,8 +60,6 @@ def evaluate(model: nn.Module, data, loss_fn: Callable | None = None, progress: 
             loss_sum += float(loss_fn(out, targets)) * b
             correct += int((out.argmax(-1) == targets).sum())
             total += b
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("evaluate: the data yielded no samples")
     return {"accuracy": correct / total, "loss": loss_sum / total, "samples": total}

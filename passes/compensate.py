@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .curvature import CalibrationError, split_batch
+from .modes import kept_modes
 
 __all__ = ["compensate", "DEFAULT_DAMPING"]
 
@@ -191,10 +192,8 @@ def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[
     for name, (om, sm, groups, _, _) in plan.items():
         dim = om.weight.shape[1] * (int(np.prod(om.weight.shape[2:])) if om.weight.ndim > 2 else 1)
         grams[name] = _GroupGrams(_Gram(dim, sm.bias is not None, device) for _ in range(groups))
-    modes = [(m, m.training) for m in original.modules()]
-    original.eval()
     used = 0
-    try:
+    with kept_modes(original, training=False):
         with torch.no_grad(), _capture(original, plan, grams):
             for i, batch in enumerate(batches):
                 if max_batches is not None and used >= max_batches:
@@ -202,9 +201,6 @@ def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[
                 inputs, _ = split_batch(batch, i)
                 original(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
                 used += 1
-    finally:
-        for m, t in modes:
-            m.training = t
     if used == 0:
         raise CalibrationError("compensation got no calibration batches")
     with torch.no_grad():

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from passes import distributed as _dist
+from passes.modes import kept_modes
 from passes import stateless
 
 __all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES",
@@ -145,21 +146,16 @@ def _check_targets(out: torch.Tensor, targets: Any, index: int) -> None:
 
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module):
-    """Eval mode, math SDPA; restores the mode and checks buffers are unchanged."""
-    was = model.training
+    """Eval mode, math SDPA; restores every module's own mode and checks buffers are unchanged."""
     snapshot = {k: v.detach().clone() for k, v in model.named_buffers()}
-    model.eval()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         ctx = sdpa_kernel(SDPBackend.MATH)
     except ImportError:  # older torch
         ctx = contextlib.nullcontext()
-    try:
-        with ctx:
-            yield
-    finally:
-        model.train(was)
+    with kept_modes(model, training=False), ctx:
+        yield
     for k, v in model.named_buffers():
         if k not in snapshot or not torch.equal(v, snapshot[k]):
             raise RuntimeError(f"oba_fx bug: buffer {k} changed during scoring")

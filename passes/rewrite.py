@@ -35,6 +35,7 @@ import torch_pruning as tp
 from .attention import SlimMultiheadAttention, slim_shifted_window_attention
 from .dependency import CouplingResult
 from .inplace import inplace_adds
+from .modes import apply_modes
 from .coupling_rules import _tensor_paths as _tensor_paths_of
 from .trace import TracedGraph, _Recorder
 
@@ -271,10 +272,7 @@ def _restore_state(gm: torch.fx.GraphModule, traced: TracedGraph) -> None:
     Slicing creates new ``nn.Parameter`` objects (torch-pruning's functions make
     them trainable); ``requires_grad`` is copied back by qualified name.
     """
-    gm.train(traced.source_training)
-    for name, m in gm.named_modules():
-        if name in traced.source_modes:
-            m.training = traced.source_modes[name]
+    apply_modes(gm, traced.source_modes, traced.source_training)
     frozen = traced.source_requires_grad
     for n, p in gm.named_parameters(remove_duplicate=False):
         if n in frozen and p.requires_grad != frozen[n]:
