@@ -93,8 +93,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     tmp = None
     if args.smoke:
-        # target 0.9: resnet20's batch-1 floor (fixed per-layer costs) measures 67-71% here, so 0.7 was flaky
-        args.models, args.backends, args.repeats, args.target, args.batch = ["resnet20"], ["pytorch"], 3, 0.9, 1
+        # batch 8: at batch 1 resnet20's floor (fixed per-layer costs) measured 67-71% on a quiet machine and
+        # 93.8% on a loaded one, so even a 0.9 target failed there; at batch 8 the convolutions set the latency
+        args.models, args.backends, args.repeats, args.target, args.batch = ["resnet20"], ["pytorch"], 3, 0.8, 8
         tmp = tempfile.TemporaryDirectory()
         os.environ["OBA_FX_CACHE"] = tmp.name
     elif args.fresh_cache:
