@@ -43,7 +43,10 @@ def add_into(a, b):
     """``a.add_(b)`` when that equals ``a + b`` (same shape and dtype as the result), else ``a + b``.
 
     Not an fx leaf: tracing it again (a second compress step, a user re-tracing the slim model) sees a proxy,
-    not a tensor, and records the plain ``operator.add``."""
+    not a tensor, and records the plain ``operator.add``. Under ``torch.compile`` it is the plain add too: the
+    compiler plans its own buffers, and reading ``grad_fn`` would break its graph at every block."""
+    if torch.compiler.is_compiling():
+        return a + b
     if _writable(a):
         shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, torch.Tensor) else a.shape
         if shape == a.shape and torch.result_type(a, b) == a.dtype:
@@ -52,7 +55,10 @@ def add_into(a, b):
 
 
 def relu_into(x):
-    """``x.relu_()``; on an fx proxy (tracing the slim model again) the plain ``F.relu``."""
+    """``x.relu_()``; on an fx proxy (tracing the slim model again) or under ``torch.compile`` the plain
+    ``F.relu``."""
+    if torch.compiler.is_compiling():
+        return F.relu(x)
     if _writable(x):
         return x.relu_()
     return F.relu(x)
