@@ -145,10 +145,13 @@ def test_compress_default_is_the_backend_multiple_and_none_allows_any_width():
                             progress=False)
         assert r.report["widths_rounding"] == {"round_to": "auto", "backend": backend,
                                                "multiple": ROUND_TO[backend]}
-    free = oba_fx.compress(net, x, _data(), target_flops=0.6, criterion="magnitude", round_to=None,
+    # 0.65: whole blocks of 16 land within ROUNDING_SLACK of it (at 0.6 they land 4.5 points below, and the
+    # multiple halves to 8: test_rounding_yields_to_the_target_by_hand_count)
+    free = oba_fx.compress(net, x, _data(), target_flops=0.65, criterion="magnitude", round_to=None,
                            progress=False)
-    rounded = oba_fx.compress(net, x, _data(), target_flops=0.6, criterion="magnitude", round_to=16,
+    rounded = oba_fx.compress(net, x, _data(), target_flops=0.65, criterion="magnitude", round_to=16,
                               progress=False)
+    assert "rounding_relaxed" not in rounded.report["step_reports"][0]
     w_free = [free.model.c1.out_channels, free.model.pw.out_channels]
     w_round = [rounded.model.c1.out_channels, rounded.model.pw.out_channels]
     # c1 (40) and pw (48) keep multiples of 16 at round_to=16, or their original width (see group_multiple)
@@ -176,3 +179,43 @@ def test_round_to_table_follows_the_width_benchmark():
     chosen = {b: c["chosen"] for b, c in data["chosen"].items() if b in ROUND_TO}
     assert chosen == {b: ROUND_TO[b] for b in chosen} and set(chosen) >= set(ROUND_TO), (
         f"oba_fx.ROUND_TO {ROUND_TO} differs from what benchmarks/widths.py chose ({chosen}); update the table")
+
+
+class _TwoWide(nn.Module):
+    """Two groups of 32 channels at 16x16 whose second conv carries most of the FLOPs: at round_to=16 each group
+    keeps 32 or 16 channels, so whole blocks meet a 50% target only at (16, 16), about a quarter of the FLOPs."""
+
+    def __init__(self, w1=32, w2=32):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, w1, 3, padding=1)
+        self.c2 = nn.Conv2d(w1, w2, 3, padding=1)
+        self.fc = nn.Linear(w2, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_rounding_yields_to_the_target_by_hand_count():
+    from oba_fx.compress import ROUNDING_SLACK
+
+    torch.manual_seed(0)
+    net = _TwoWide().eval()
+    x = torch.randn(2, 3, 16, 16)
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))]
+    f0 = hand_flops(net, x)
+    # whole blocks of 16: (16, 32) and (32, 16) keep more than 50%, (16, 16) far less
+    assert min(hand_flops(_TwoWide(16, 32), x), hand_flops(_TwoWide(32, 16), x)) > 0.5 * f0
+    quarter = hand_flops(_TwoWide(16, 16), x) / f0
+    assert quarter < 0.5 - 5 * ROUNDING_SLACK
+    res = oba_fx.compress(net, x, data, target_flops=0.5, round_to=16, criterion="magnitude", progress=False)
+    f1 = hand_flops(res.model, x)
+    assert 0.5 - ROUNDING_SLACK - 0.005 <= f1 / f0 <= 0.5, f"hand count {f1 / f0:.4f}"
+    (step,) = res.report["step_reports"]
+    used = step["rounding_relaxed"][-1]["multiple"]
+    assert used < 16 and step["rounding_relaxed"][0]["overshoot"] > ROUNDING_SLACK
+    assert all(w % used == 0 or w == 32 for w in (res.model.c1.out_channels, res.model.c2.out_channels))
+    # a goal that whole blocks meet within the slack keeps the full multiple
+    near = oba_fx.compress(net, x, data, target_flops=quarter + 0.01, round_to=16, criterion="magnitude",
+                           progress=False)
+    assert "rounding_relaxed" not in near.report["step_reports"][0]
+    assert (near.model.c1.out_channels, near.model.c2.out_channels) == (16, 16)
