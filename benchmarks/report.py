@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -592,7 +593,10 @@ def _cov_cell(st: dict | None, text: str) -> str:
 def coverage(d: dict) -> list[str]:
     s = d["settings"]
     out = ["## Coverage: torchvision and timm models", "", d["description"] + ".", "",
-           f"Machine: {_machine(d['machine'])}", "",
+           f"Machine: {_machine(d['machine'])} (the last run's)", "",
+           "Rows per criterion and commit (each row records the commit it ran at): " + "; ".join(
+               f"{c} at {k}: {n}" for (c, k), n in sorted(Counter((r["criterion"], r.get("commit", "?"))
+                                                                  for r in d["rows"]).items())), "",
            "Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(d.get("commands", [])) if c), "",
            f"A pass: traced, compressed to {s['target_flops']:.0%} FLOPs within ± {s['tolerance']} by the "
            "independent meta-device count, reloaded with `oba_fx.load` with equal outputs, and exported with "
