@@ -69,7 +69,7 @@ def _setup(model_name: str, batches: int, batch: int | None = None):
 def _runner(model, criterion: str, data):
     """``run(batch_list)`` for one criterion, through the public API."""
     import oba_fx
-    from passes.curvature import curvature
+    from oba_fx.passes.curvature import curvature
 
     groups = criterion.endswith(" (groups)")
     graph = oba_fx.trace(model, data[0][0][:2]) if criterion.startswith("group-exact") or groups else None
@@ -93,7 +93,7 @@ def _runner(model, criterion: str, data):
                 if opt == "checkpoint":
                     kw["checkpoint"] = True
                 elif opt == "no shortcut":  # the ordinary forward-AD products, without the δ = −θ shortcut
-                    import passes.curvature as _c
+                    import oba_fx.passes.curvature as _c
 
                     _c.FAST_NEG_THETA = False
                 elif opt.startswith("micro_batch "):

@@ -28,7 +28,8 @@ def cache_dir() -> Path:
 def trained(name: str, epochs: int | None = None, *, seed: int = 0, data: str | None = None,
             limit_train: int | None = None, progress: bool = True, log=print) -> nn.Module:
     """A zoo model trained on Fashion-MNIST, from the cache or trained now (eval mode)."""
-    import oba_fx
+    from oba_fx.data import get_dataset
+    from oba_fx.train import load_checkpoint, train
 
     from .registry import ZOO, create
 
@@ -36,18 +37,18 @@ def trained(name: str, epochs: int | None = None, *, seed: int = 0, data: str | 
         raise ValueError(f"trained() covers the zoo models {', '.join(ZOO)}; got '{name}'")
     recipe = dict(RECIPES.get(name, dict(epochs=6, lr=0.1)))
     epochs = int(epochs or recipe["epochs"])
-    spec = oba_fx.get_dataset("fashion-mnist", data, limit_train=limit_train)
+    spec = get_dataset("fashion-mnist", data, limit_train=limit_train)
     tag = f"-n{limit_train}" if limit_train else ""
     path = cache_dir() / f"{name}-fmnist-e{epochs}-s{seed}{tag}.pt"
     if path.exists() and _epochs_done(path) == epochs:
-        model, _ = oba_fx.load_checkpoint(path)
+        model, _ = load_checkpoint(path)
         return model
     kw = {"in_channels": 1, "num_classes": 10}
     if name.startswith("vit"):
         kw["img_size"] = 28
     torch.manual_seed(seed)
     model = create(name, **kw)
-    oba_fx.train(model, spec.train(128, seed=seed), epochs, lr=recipe["lr"], checkpoint=path,
+    train(model, spec.train(128, seed=seed), epochs, lr=recipe["lr"], checkpoint=path,
                  resume=path.exists(), model_spec={"name": name, "kwargs": kw}, eval_data=spec.test(512),
                  meta={"dataset": spec.name, "input_shape": list(spec.input_shape), "num_classes": 10},
                  seed=seed, progress=progress, log=log)

@@ -10,13 +10,13 @@ Public API:
     compress(model, example_inputs, calibration, target_flops=0.5) -> CompressResult
     get_dataset("fashion-mnist"), train(...), evaluate(...), measure_latency(...)
 """
-from passes.dependency import Group, Member, UnknownOpWarning
-from passes.compensate import compensate
-from passes.curvature import CalibrationError
-from passes.norm_stats import reestimate_batchnorm
-from passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
-from passes.rewrite import RewriteError
-from passes.trace import TraceFailure
+from .passes.dependency import Group, Member, UnknownOpWarning
+from .passes.compensate import compensate
+from .passes.curvature import CalibrationError
+from .passes.norm_stats import reestimate_batchnorm
+from .passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
+from .passes.rewrite import RewriteError
+from .passes.trace import TraceFailure
 
 from .compress import CompressResult, compress, evaluate_loss
 from .counting import count

@@ -746,8 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from passes.curvature import CalibrationError
-    from passes.trace import TraceFailure
+    from .passes.curvature import CalibrationError
+    from .passes.trace import TraceFailure
 
     from .data import DatasetNotFound
     from .train import CheckpointError

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from passes import distributed as _dist
-from passes.curvature import CalibrationError, _check_targets, _to, default_loss, scoring_mode, split_batch
-from passes.compensate import DEFAULT_DAMPING
-from passes.modes import apply_modes
-from passes.norm_stats import reestimate_batchnorm
-from passes.rewrite import rewrite
-from passes.trace import TracedGraph
+from .passes import distributed as _dist
+from .passes.curvature import CalibrationError, _check_targets, _to, default_loss, scoring_mode, split_batch
+from .passes.compensate import DEFAULT_DAMPING
+from .passes.modes import apply_modes
+from .passes.norm_stats import reestimate_batchnorm
+from .passes.rewrite import rewrite
+from .passes.trace import TracedGraph
 
 from .counting import COUNTERS, _to_meta, example_args, forward_cost
 from .graph import Graph, trace

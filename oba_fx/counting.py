@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes.trace import as_args
+from .passes.trace import as_args
 
 __all__ = ["count", "forward_cost", "Cost", "example_args", "COUNTERS"]
 

@@ -7,13 +7,21 @@ File format (``oba_fx.save``): a ``torch.save`` archive of the dict
 
 A GraphModule pickles its generated code and its submodules, so it loads
 without the original model class (only torch.nn classes and, for pruned
-attention, ``passes.attention.SlimMultiheadAttention``).  A plain module needs
+attention, ``oba_fx.passes.attention.SlimMultiheadAttention``).  A plain module needs
 its class importable.  Loading unpickles: only load files you trust.
+
+Files saved by oba_fx 0.1 name the passes as the top-level package ``passes``
+(before it moved under ``oba_fx``); :func:`load` still reads them (deprecated:
+load and save once to rewrite such a file).
 Writes go to a temporary file in the same folder and are renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import pkgutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from passes.trace import as_args
-from passes.modes import kept_modes
+from .passes.trace import as_args
+from .passes.modes import kept_modes
 
 from .io import atomic_write
 
@@ -54,7 +62,8 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", with_meta: bool = F
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        with legacy_module_names():
+            payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated/corrupt archives raise many types
         raise ValueError(f"{path} is not a readable oba_fx module file ({type(e).__name__}: {str(e)[:120]}); "
                          "it may be truncated or corrupt") from None
@@ -63,10 +72,36 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", with_meta: bool = F
                          "save it with oba_fx.save(model, path)")
     module = payload["module"]
     if isinstance(module, torch.fx.GraphModule):  # unpickling re-traced its code: `a + b` and F.relu again
-        from passes.inplace import inplace_adds
+        from .passes.inplace import inplace_adds
 
         inplace_adds(module)
     return (module, dict(payload.get("meta") or {})) if with_meta else module
+
+
+@contextlib.contextmanager
+def legacy_module_names():
+    """While loading, let the old top-level name ``passes`` resolve to ``oba_fx.passes``.
+
+    oba_fx 0.1 installed its compiler passes as a top-level package ``passes``, so its files
+    pickle classes as ``passes.attention.SlimMultiheadAttention`` and their fx code imports
+    ``passes.inplace``. The alias lasts only for the ``with`` block, and is skipped where the
+    process has a ``passes`` module of its own. Deprecated: remove in 0.3.
+    """
+    if "passes" in sys.modules:
+        yield
+        return
+    from . import passes
+
+    names = {"passes": passes}
+    for info in pkgutil.iter_modules(passes.__path__):
+        names[f"passes.{info.name}"] = importlib.import_module(f"{passes.__name__}.{info.name}")
+    sys.modules.update(names)
+    try:
+        yield
+    finally:
+        for name, module in names.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 def _providers() -> list[str]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes import distributed as _dist
-from passes.curvature import _to, default_loss, split_batch
+from .passes import distributed as _dist
+from .passes.curvature import _to, default_loss, split_batch
 
 __all__ = ["finetune", "optimizer_step", "cosine_lambda"]
 

@@ -7,10 +7,10 @@ from typing import Any, Iterable, Mapping
 import networkx as nx
 import torch
 
-from passes.dependency import CouplingResult, Group, coupled_groups
-from passes.compensate import compensate
-from passes.rewrite import rewrite, tensor_cuts
-from passes.trace import TracedGraph, trace_module
+from .passes.dependency import CouplingResult, Group, coupled_groups
+from .passes.compensate import compensate
+from .passes.rewrite import rewrite, tensor_cuts
+from .passes.trace import TracedGraph, trace_module
 
 __all__ = ["Graph", "trace"]
 

@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from passes.curvature import curvature
+from .passes.curvature import curvature
 
 __all__ = ["JointModel", "Marginals", "select", "JOINT_ROUNDS"]
 

@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from passes.modes import kept_modes
+from .passes.modes import kept_modes
 
 __all__ = ["measure_latency", "ort_session", "pytorch_guidance"]
 

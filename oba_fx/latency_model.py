@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from passes.modes import kept_modes
+from .passes.modes import kept_modes
 
 from .io import write_json
 

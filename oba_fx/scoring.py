@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 from torch.func import grad, jvp, vmap
 
-from passes import distributed as _dist
-from passes import stateless
+from .passes import distributed as _dist
+from .passes import stateless
 from torch.utils import _pytree as pytree
 
-from passes.curvature import (CalibrationError, _to, check_default_loss_output, composite_norms, curvature,
+from .passes.curvature import (CalibrationError, _to, check_default_loss_output, composite_norms, curvature,
                               default_loss, scoring_mode, split_batch)
 
 __all__ = ["CRITERIA", "parameter_scores", "group_scores", "rank_scores", "group_exact_scores"]

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from passes.curvature import _to, default_loss, split_batch
-from passes.modes import kept_modes
+from .passes.curvature import _to, default_loss, split_batch
+from .passes.modes import kept_modes
 
 from .finetune import cosine_lambda, optimizer_step
 from .io import atomic_write

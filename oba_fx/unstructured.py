@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from passes import distributed as _dist
-from passes.curvature import CalibrationError
+from .passes import distributed as _dist
+from .passes.curvature import CalibrationError
 
 from .compress import CompressResult, _Stream
 from .scoring import CRITERIA, parameter_scores

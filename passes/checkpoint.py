@@ -54,7 +54,7 @@ class RecomputeError(ValueError):
 def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule):
         return model
-    from passes.trace import _LeafTracer, default_leaf_types
+    from .trace import _LeafTracer, default_leaf_types
 
     try:
         # shares the model's submodules and parameters (no copy); the model is in eval mode here

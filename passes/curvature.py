@@ -50,9 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from passes import distributed as _dist
-from passes.modes import kept_modes
-from passes import stateless
+from . import distributed as _dist
+from .modes import kept_modes
+from . import stateless
 
 __all__ = ["Curvature", "CalibrationError", "curvature", "hvp", "default_loss", "split_batch", "QUANTITIES",
            "ExactCurvatureOps", "check_default_loss_output"]
@@ -328,7 +328,7 @@ def curvature(
     loss_fn = loss_fn or default_loss
     sg = None
     if checkpoint:
-        from passes.checkpoint import RecomputeError, SegmentedGraph
+        from .checkpoint import RecomputeError, SegmentedGraph
 
         if "T3" in want:
             raise RecomputeError("checkpoint= covers g, H, G and F; the third-order term (oba-k3) uses triple "
@@ -380,7 +380,7 @@ def curvature(
                         if backend == "fwad" or "forward AD" not in str(err) and "forward-mode" not in str(err):
                             raise
                         if sg is not None:
-                            from passes.checkpoint import RecomputeError
+                            from .checkpoint import RecomputeError
 
                             raise RecomputeError(
                                 "checkpoint= needs forward-mode AD for every op, and this model has one without it "

@@ -256,7 +256,7 @@ class HessianBlocks:
 
     def write_graphml(self, path: str | os.PathLike) -> None:
         """Writes :meth:`to_networkx` as GraphML (atomically)."""
-        from oba_fx.io import atomic_write
+        from ..io import atomic_write
 
         g = self.to_networkx()
         atomic_write(path, lambda tmp: nx.write_graphml(g, tmp))
@@ -275,7 +275,7 @@ class HessianBlocks:
 
     def write_dot(self, path: str | os.PathLike) -> None:
         """Writes :meth:`to_dot` to ``path`` (atomically)."""
-        from oba_fx.io import write_text
+        from ..io import write_text
 
         write_text(path, self.to_dot())
 
@@ -294,7 +294,7 @@ class HessianBlocks:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
 
-        from oba_fx.io import atomic_write
+        from ..io import atomic_write
 
         n = len(self.layers)
         codes = np.zeros((n, n), dtype=int)

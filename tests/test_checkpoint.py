@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import models_zoo
 import oba_fx
 from dense_reference import dense
-from passes.checkpoint import RecomputeError, SegmentedGraph
-from passes.curvature import curvature
+from oba_fx.passes.checkpoint import RecomputeError, SegmentedGraph
+from oba_fx.passes.curvature import curvature
 from tiny_models import TINY, make
 
 
@@ -112,7 +112,7 @@ def test_recomputation_really_happens():
 @pytest.fixture
 def recomputes(monkeypatch):
     """Counts segmented backward passes, so a test fails if checkpoint= is dropped on the way down."""
-    import passes.checkpoint as C
+    import oba_fx.passes.checkpoint as C
 
     calls = []
     orig = C.SegmentedGraph.backward

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import oba_fx
-from passes.compensate import compensate
-from passes.curvature import CalibrationError
-from passes.norm_stats import reestimate_batchnorm
+from oba_fx.passes.compensate import compensate
+from oba_fx.passes.curvature import CalibrationError
+from oba_fx.passes.norm_stats import reestimate_batchnorm
 
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import models_zoo
 import oba_fx
 from helpers import same_state, state_snapshot
-from passes.curvature import CalibrationError
+from oba_fx.passes.curvature import CalibrationError
 
 SMALL = {
     "resnet32": ({"in_channels": 3}, (3, 32, 32)),

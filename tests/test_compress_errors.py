@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import oba_fx
-from passes.curvature import CalibrationError
+from oba_fx.passes.curvature import CalibrationError
 
 
 def _compress(*args, **kwargs):

@@ -18,7 +18,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN  # noqa:
 from torchvision.ops import roi_align  # noqa: E402
 
 from oba_fx.detection import AnyOrderRoIAlign, DetectionBatch, compress_backbone, detection_loss  # noqa: E402
-from passes.curvature import curvature  # noqa: E402
+from oba_fx.passes.curvature import curvature  # noqa: E402
 
 TARGET = 0.7
 

@@ -119,7 +119,7 @@ def test_scoring_a_subset_of_layers():
 
 
 def test_out_of_memory_names_the_fixes(monkeypatch):
-    import passes.curvature as cv
+    import oba_fx.passes.curvature as cv
 
     def boom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "

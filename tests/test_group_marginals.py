@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import oba_fx
 import oba_fx.scoring as S
-import passes.curvature as C
+import oba_fx.passes.curvature as C
 from dense_reference import Flat, dense
 from tiny_models import TINY, make
 

@@ -18,8 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import oba_fx
 from helpers import randomize_norms
-from passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
-from passes.trace import trace_module
+from oba_fx.passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
+from oba_fx.passes.trace import trace_module
 
 ZERO_TOL = 1e-10
 NONZERO_TOL = 1e-8
@@ -443,7 +443,7 @@ def test_check_blocks_is_agnostic():
 @pytest.mark.parametrize("name", ["relu_mlp", "gelu_mlp", "res_cnn", "attention"])
 def test_prediction_matches_production_engine(name):
     """The same check with oba_fx's own curvature engine (forward-over-reverse Fv) as the probe."""
-    from passes.curvature import curvature
+    from oba_fx.passes.curvature import curvature
 
     model, cal, blocks, _ = analysed(name)
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torchvision
 
 import oba_fx
-from passes.inplace import add_into, inplace_adds
+from oba_fx.passes.inplace import add_into, inplace_adds
 
 
 def _out_of_place(gm):
@@ -129,7 +129,7 @@ class _Block(nn.Module):
 def test_relus_go_in_place_and_everything_survives_save_and_load(tmp_path):
     """ReLUs after a BN or an add run in place (the module form and F.relu); a save/load round trip (which
     re-traces the pickled code) gets every in-place op back; values and gradients unchanged."""
-    from passes.inplace import relu_into
+    from oba_fx.passes.inplace import relu_into
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Block()).eval()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import oba_fx
-import passes.modes
+import oba_fx.passes.modes
 from test_widths import Net, _data
 
 
@@ -27,7 +27,7 @@ def _flags(model):
 
 
 def test_doctest():
-    assert doctest.testmod(passes.modes).failed == 0
+    assert doctest.testmod(oba_fx.passes.modes).failed == 0
 
 
 def test_scoring_evaluation_export_keep_each_modules_flag(tmp_path):

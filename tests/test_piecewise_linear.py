@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import oba_fx
 from dense_reference import dense
-from passes.curvature import curvature
+from oba_fx.passes.curvature import curvature
 
 
 def rel(a, b):
@@ -158,7 +158,7 @@ def test_group_exact_matches_dense(name):
 
 def test_mode_covers_only_scoring():
     """The composite is active inside scoring only: F.hardsigmoid is untouched outside."""
-    from passes.curvature import ExactCurvatureOps
+    from oba_fx.passes.curvature import ExactCurvatureOps
 
     x = torch.linspace(-5.5, 5.5, 12, dtype=torch.float64, requires_grad=True)  # no point on a kink
     inside = ((x > -3) & (x < 3)).double().detach()

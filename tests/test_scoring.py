@@ -11,7 +11,7 @@ from torch.func import grad, jacfwd
 
 import oba_fx
 from dense_reference import Flat, dense, full_data
-from passes.curvature import CalibrationError, curvature
+from oba_fx.passes.curvature import CalibrationError, curvature
 from tiny_models import TINY, make
 from torch.func import functional_call
 import torch.nn.functional as F
@@ -231,7 +231,7 @@ def test_bad_input_is_clear_and_model_unchanged():
 @pytest.mark.parametrize("name", TINY)
 def test_neg_theta_fast_path_is_exact(name, monkeypatch):
     """The δ = −θ shortcut for linear/conv layers gives the ordinary forward-AD results, and is really used."""
-    import passes.curvature as C
+    import oba_fx.passes.curvature as C
 
     model, cal = make(name)
     hits = []
@@ -286,7 +286,7 @@ def test_batch_norm_shortcut_matches_the_dense_hessian(monkeypatch):
     """Eval-mode BN under δ = −θ (``_NegThetaBatchNorm``): ẏ = aẋ − y and its per-channel backward products give
     the dense Hessian's Hδ with random running statistics, BatchNorm1d/2d and a weight-only F.batch_norm; a BN
     whose weight is frozen (not scored) keeps the ordinary path, and the result is the same either way."""
-    import passes.curvature as C
+    import oba_fx.passes.curvature as C
     from helpers import randomize_norms
 
     torch.manual_seed(3)
@@ -341,7 +341,7 @@ def test_gelu_shortcut_matches_the_dense_hessian(monkeypatch, direction):
     """``_DualGelu`` (ẏ = f'ẋ; backward tangent ġf' + gẋf'') gives the dense Hessian's Hδ and the network part
     (H − G)δ for both GELU forms and any direction; a GELU whose input carries no tangent keeps the ordinary
     path, and the result equals the ordinary forward-over-reverse one."""
-    import passes.curvature as C
+    import oba_fx.passes.curvature as C
 
     torch.manual_seed(5)
     model = _GeluZoo().double().eval()

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import oba_fx
-from passes.curvature import curvature
+from oba_fx.passes.curvature import curvature
 
 
 class SharedPE(nn.Module):

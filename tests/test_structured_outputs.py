@@ -18,7 +18,7 @@ from torch.func import functional_call, jacfwd
 
 import oba_fx
 from dense_reference import Flat, _jacobian_loop, full_data
-from passes.curvature import CalibrationError, curvature
+from oba_fx.passes.curvature import CalibrationError, curvature
 
 
 def rel(a, b):
