@@ -12,7 +12,7 @@ random weights and calibration data, it records:
     unstructured  ``compress_unstructured`` at 50% sparsity: kept-weight counts per parameter.
 
     python benchmarks/equivalence.py --out FILE [--models NAME ...]       # record
-    python benchmarks/equivalence.py --compare OLD NEW [--rtol 1e-12]     # compare: exit 1 on any difference
+    python benchmarks/equivalence.py --compare OLD NEW [--rtol 1e-12] [--subset]  # exit 1 on any difference
 
 Scores compare by max |a - b| / max |a| per array (``--rtol``, default 1e-12); groups, block texts, widths and
 FLOPs compare exactly. A key present in one file and missing in the other is a difference.
@@ -180,8 +180,10 @@ def _cmp(a, b, path, rtol, diffs):
         diffs.append(f"{path}: {str(a)[:120]} != {str(b)[:120]}")
 
 
-def compare(old, new, rtol) -> int:
+def compare(old, new, rtol, subset=False) -> int:
     a, b = (json.load(open(p))["models"] for p in (old, new))
+    if subset:  # compare only the models NEW recorded
+        a = {k: v for k, v in a.items() if k in b}
     diffs: list[str] = []
     _cmp(a, b, "", rtol, diffs)
     n = sum(len(v) for r in a.values() for v in r.get("scores", {}).values())
@@ -197,9 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
     p.add_argument("--rtol", type=float, default=1e-12)
+    p.add_argument("--subset", action="store_true", help="compare only the models NEW recorded")
     a = p.parse_args(argv)
     if a.compare:
-        return compare(*a.compare, a.rtol)
+        return compare(*a.compare, a.rtol, a.subset)
     if not a.out:
         p.error("--out FILE (record) or --compare OLD NEW")
     unknown = [m for m in a.models if m not in MODELS]
