@@ -93,9 +93,7 @@ def _runner(model, criterion: str, data):
                 if opt == "checkpoint":
                     kw["checkpoint"] = True
                 elif opt == "no shortcut":  # the ordinary forward-AD products, without the δ = −θ shortcut
-                    import oba_fx.passes.curvature as _c
-
-                    _c.FAST_NEG_THETA = False
+                    kw["shortcuts"] = False
                 elif opt.startswith("micro_batch "):
                     kw["micro_batch"] = int(opt.split()[1])
                 else:

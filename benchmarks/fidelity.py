@@ -184,10 +184,9 @@ WAYS = ("plain", "batchnorm", "batchnorm+compensation")
 
 def _removal_of(graph, report):
     """The compress report's removal as {group id of ``graph``: channels} (groups matched by their key)."""
-    from oba_fx.compress import _group_key
 
     (step,) = report["step_reports"]
-    keys = {_group_key(g): g.id for g in graph.prunable_groups}
+    keys = {g.key: g.id for g in graph.prunable_groups}
     return {keys[k]: list(cs) for k, cs in step["removed_channels"].items()}
 
 
@@ -201,7 +200,7 @@ class _Memo:
         import oba_fx.scoring  # noqa: F401  (the modules, not the re-exported functions)
 
         self.comp, self.scoring = sys.modules["oba_fx.compress"], sys.modules["oba_fx.scoring"]
-        self.orig_parts = self.scoring._group_exact_parts
+        self.orig_parts = self.scoring.group_exact_parts
         self.orig_scores = self.comp.group_scores
         self.cache = {}
         self.key = None
@@ -213,7 +212,7 @@ class _Memo:
         def scores(graph, batches, criterion, *a, **k):
             return self._get(("scores", criterion), self.orig_scores, (graph, batches, criterion) + a, k)
 
-        self.comp._group_exact_parts = self.scoring._group_exact_parts = parts
+        self.comp.group_exact_parts = self.scoring.group_exact_parts = parts
         self.comp.group_scores = scores
         return self
 
@@ -224,7 +223,7 @@ class _Memo:
         return self.cache[key]
 
     def __exit__(self, *exc):
-        self.comp._group_exact_parts = self.scoring._group_exact_parts = self.orig_parts
+        self.comp.group_exact_parts = self.scoring.group_exact_parts = self.orig_parts
         self.comp.group_scores = self.orig_scores
 
 

@@ -59,6 +59,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .passes.trace import as_args
+from .passes.errors import UsageError
 
 __all__ = ["count", "forward_cost", "Cost", "example_args", "COUNTERS"]
 
@@ -130,7 +131,7 @@ def forward_cost(model: nn.Module, example_inputs: Any, on: str = "auto") -> Cos
         :class:`Cost`.
     """
     if on not in ("auto", "meta", "device"):
-        raise ValueError(f"on must be 'auto', 'meta' or 'device', got {on!r}")
+        raise UsageError(f"on must be 'auto', 'meta' or 'device', got {on!r}")
     args = example_args(model, example_inputs)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if on in ("auto", "meta"):
@@ -184,15 +185,15 @@ def _counting_mode(model: nn.Module):
             m._flat_weights, m._flat_weight_refs = flat, refs
 
 
-def _to_meta(x: Any) -> Any:
+def to_meta(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().to("meta")
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple takes its fields positionally
-        return type(x)(*(_to_meta(v) for v in x))
+        return type(x)(*(to_meta(v) for v in x))
     if isinstance(x, (tuple, list)):
-        return type(x)(_to_meta(v) for v in x)
+        return type(x)(to_meta(v) for v in x)
     if isinstance(x, dict):
-        return {k: _to_meta(v) for k, v in x.items()}
+        return {k: to_meta(v) for k, v in x.items()}
     return x
 
 
@@ -225,7 +226,7 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _flops_on_meta(model: nn.Module, args: tuple) -> int:
     state = _meta_state(model)
-    meta_args = _to_meta(args)
+    meta_args = to_meta(args)
     # a forward may store what it computed on the module (torchvision's AnchorGenerator caches its
     # anchors in self.cell_anchors): those would be meta tensors afterwards, so every module's
     # plain attributes are put back as they were

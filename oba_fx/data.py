@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from .passes.errors import UsageError
 
 __all__ = ["DatasetNotFound", "DataSpec", "TensorLoader", "get_dataset", "DATASETS", "FASHION_MNIST_DIR",
            "read_idx"]
@@ -67,9 +68,9 @@ class TensorLoader:
                  shuffle: bool = False, augment: bool = False, pad: int = 4, flip: bool = True, seed: int = 0,
                  drop_last: bool = False):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise UsageError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment = int(batch_size), shuffle, augment
         self.pad, self.flip, self.seed, self.drop_last = int(pad), flip, int(seed), drop_last
@@ -145,7 +146,7 @@ class DataSpec:
     def calibration(self, batches: int = 8, batch_size: int = 64, seed: int = 0) -> list:
         """``batches`` seeded, unaugmented batches of distinct training samples."""
         if batches < 1 or batch_size < 1:
-            raise ValueError(f"calibration needs batches >= 1 and batch_size >= 1, got {batches}, {batch_size}")
+            raise UsageError(f"calibration needs batches >= 1 and batch_size >= 1, got {batches}, {batch_size}")
         return self._calib(batches, batch_size, seed)
 
     def describe(self) -> dict:
@@ -163,14 +164,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read idx file ({e}); the file is damaged, reinstall the data set") from None
+        raise UsageError(f"{path}: cannot read idx file ({e}); the file is damaged, reinstall the data set") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes (bad magic number); reinstall the data set")
+        raise UsageError(f"{path}: not an idx file of unsigned bytes (bad magic number); reinstall the data set")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: idx header says {dims} but holds {data.size} bytes; the file is truncated")
+        raise UsageError(f"{path}: idx header says {dims} but holds {data.size} bytes; the file is truncated")
     return data.reshape(dims)
 
 
@@ -218,7 +219,7 @@ def _limit(x, y, n, seed):
     if n is None or n >= len(y):
         return x, y
     if n < 1:
-        raise ValueError(f"a sample limit must be >= 1, got {n}")
+        raise UsageError(f"a sample limit must be >= 1, got {n}")
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(_seed_for(seed, -2)))[:n].sort().values
     return x[idx], y[idx]
 
@@ -229,7 +230,7 @@ def _in_memory_spec(name, root, xtr, ytr, xte, yte, num_classes, mean, std, pad,
     ytr = torch.from_numpy(np.asarray(ytr, dtype=np.int64))
     yte = torch.from_numpy(np.asarray(yte, dtype=np.int64))
     if len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise ValueError(f"{name} in {root}: {len(xtr)} train images but {len(ytr)} labels, "
+        raise UsageError(f"{name} in {root}: {len(xtr)} train images but {len(ytr)} labels, "
                          f"{len(xte)} test images but {len(yte)} labels; the files do not belong together")
     xtr, ytr = _limit(xtr, ytr, limit_train, 0)
     xte, yte = _limit(xte, yte, limit_test, 1)
@@ -244,7 +245,7 @@ def _in_memory_spec(name, root, xtr, ytr, xte, yte, num_classes, mean, std, pad,
     def calib(batches, batch_size, seed):
         n = batches * batch_size
         if n > len(ytr):
-            raise ValueError(f"calibration asks for {n} samples but {name} has {len(ytr)} training samples")
+            raise UsageError(f"calibration asks for {n} samples but {name} has {len(ytr)} training samples")
         idx = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(_seed_for(seed, -1)))[:n]
         loader = TensorLoader(xtr[idx], ytr[idx], batch_size, mean, std)
         return list(loader)
@@ -258,7 +259,7 @@ def fashion_mnist(data: str | os.PathLike | None = None, **limits) -> DataSpec:
     arr = {k: read_idx(p) for k, p in files.items()}
     for k in ("train_x", "test_x"):
         if arr[k].ndim != 3:
-            raise ValueError(f"{files[k]}: expected (N, 28, 28) images, got shape {arr[k].shape}")
+            raise UsageError(f"{files[k]}: expected (N, 28, 28) images, got shape {arr[k].shape}")
     return _in_memory_spec("fashion-mnist", files["train_x"].parent, arr["train_x"][:, None], arr["train_y"],
                            arr["test_x"][:, None], arr["test_y"], 10, (0.2860,), (0.3530,), pad=2, flip=True,
                            classes=FASHION_MNIST_CLASSES, **limits)
@@ -298,7 +299,7 @@ def cifar(name: str, data: str | os.PathLike | None, **limits) -> DataSpec:
                 xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d[spec["label"]], dtype=np.int64))
             except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-                raise ValueError(f"{root / f}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
+                raise UsageError(f"{root / f}: not a CIFAR python batch ({type(e).__name__}: {e})") from None
         return np.concatenate(xs), np.concatenate(ys)
 
     xtr, ytr = read(spec["train"])
@@ -331,7 +332,7 @@ def imagefolder(data: str | os.PathLike | None, img_size: int = 224, workers: in
     train_plain = ImageFolder(base / "train", te_tf)
     test_set = ImageFolder(base / "val", te_tf)
     if train_set.classes != test_set.classes:
-        raise ValueError(f"{base}: train/ and val/ hold different class folders")
+        raise UsageError(f"{base}: train/ and val/ hold different class folders")
     classes = tuple(train_set.classes)
     if limit_train is not None and limit_train < len(train_set):
         idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1))[:limit_train].tolist()
@@ -359,7 +360,7 @@ def imagefolder(data: str | os.PathLike | None, img_size: int = 224, workers: in
     def calib(batches, batch_size, seed):
         n = batches * batch_size
         if n > len(train_plain):
-            raise ValueError(f"calibration asks for {n} samples but {base / 'train'} has {len(train_plain)}")
+            raise UsageError(f"calibration asks for {n} samples but {base / 'train'} has {len(train_plain)}")
         idx = torch.randperm(len(train_plain), generator=torch.Generator().manual_seed(_seed_for(seed, -1)))[:n]
         sub = torch.utils.data.Subset(train_plain, idx.tolist())
         return list(torch.utils.data.DataLoader(sub, batch_size, num_workers=workers))
@@ -386,7 +387,7 @@ def get_dataset(name: str = "fashion-mnist", data: str | os.PathLike | None = No
     """
     key = _ALIASES.get(str(name).lower())
     if key is None:
-        raise ValueError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     limits = {"limit_train": limit_train, "limit_test": limit_test}
     if key == "fashion-mnist":
         return fashion_mnist(data, **limits)

@@ -79,7 +79,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -89,6 +88,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .compress import DEFAULT_CRITERION, CompressResult, compress
+from .passes.errors import UsageError
 
 __all__ = ["compress_backbone", "DetectionBatch", "detection_loss", "AnyOrderRoIAlign"]
 
@@ -231,7 +231,7 @@ def detection_loss(detector: nn.Module, seed: int = 0) -> Callable[[dict, Detect
                             "build the calibration with oba_fx.detection.compress_backbone")
         first = features if isinstance(features, torch.Tensor) else next(iter(features.values()))
         if first.shape[0] != len(batch):
-            raise ValueError(f"the features hold {first.shape[0]} images but the batch has {len(batch)} targets "
+            raise UsageError(f"the features hold {first.shape[0]} images but the batch has {len(batch)} targets "
                              "(micro_batch= cannot split detection targets; leave it unset)")
         heads.transform.value = (batch.images, [dict(t) for t in batch.targets])
         heads.backbone.value = features
@@ -268,12 +268,12 @@ def _check_data(images, targets) -> None:
             not all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in images):
         raise TypeError("images must be a non-empty list of (3, H, W) tensors, as torchvision detectors take them")
     if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
-        raise ValueError(f"targets must be a list with one dict per image: got "
+        raise UsageError(f"targets must be a list with one dict per image: got "
                          f"{len(targets) if isinstance(targets, (list, tuple)) else type(targets).__name__} "
                          f"for {len(images)} images")
     for i, t in enumerate(targets):
         if not isinstance(t, dict) or "boxes" not in t or "labels" not in t:
-            raise ValueError(f"targets[{i}] must be a dict with 'boxes' (K, 4) and 'labels' (K,)")
+            raise UsageError(f"targets[{i}] must be a dict with 'boxes' (K, 4) and 'labels' (K,)")
 
 
 def _feature_widths(backbone: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -359,11 +359,11 @@ def compress_backbone(
                      ("example_inputs", "the example is the first transformed calibration batch"),
                      ("calibration", "the calibration batches are built from images and targets")):
         if bad in compress_kwargs:
-            raise ValueError(f"compress_backbone does not take {bad}=: {why}")
+            raise UsageError(f"compress_backbone does not take {bad}=: {why}")
     n = len(images)
     batch_size = n if batch_size is None else batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
 
     working = copy.deepcopy(detector)
     working.eval()

@@ -34,8 +34,9 @@ from .passes.trace import as_args
 from .passes.modes import kept_modes
 
 from .io import atomic_write
+from .passes.errors import UsageError
 
-__all__ = ["save", "load", "export_onnx", "output_names", "OnnxMismatch", "FORMAT"]
+__all__ = ["save", "load", "export_onnx", "output_names", "OnnxMismatch", "FORMAT", "ort_providers", "legacy_module_names"]
 
 FORMAT = "oba_fx.module/1"
 
@@ -65,10 +66,10 @@ def load(path: str | os.PathLike, map_location: Any = "cpu", with_meta: bool = F
         with legacy_module_names():
             payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - truncated/corrupt archives raise many types
-        raise ValueError(f"{path} is not a readable oba_fx module file ({type(e).__name__}: {str(e)[:120]}); "
+        raise UsageError(f"{path} is not a readable oba_fx module file ({type(e).__name__}: {str(e)[:120]}); "
                          "it may be truncated or corrupt") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an oba_fx module file (expected format {FORMAT}); "
+        raise UsageError(f"{path} is not an oba_fx module file (expected format {FORMAT}); "
                          "save it with oba_fx.save(model, path)")
     module = payload["module"]
     if isinstance(module, torch.fx.GraphModule):  # unpickling re-traced its code: `a + b` and F.relu again
@@ -104,7 +105,8 @@ def legacy_module_names():
                 del sys.modules[name]
 
 
-def _providers() -> list[str]:
+def ort_providers() -> list[str]:
+    """onnxruntime's execution providers for this machine: CUDA first where torch sees a GPU, then the CPU."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -163,7 +165,7 @@ def export_onnx(
             else:
                 raise RuntimeError("ONNX export failed:\n  " + "\n  ".join(errors))
             onnx.checker.check_model(tmp)
-            sess = ort.InferenceSession(tmp, providers=_providers())
+            sess = ort.InferenceSession(tmp, providers=ort_providers())
             feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
             onnx_names = [o.name for o in sess.get_outputs()]
             if onnx_names != out_names:

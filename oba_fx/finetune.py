@@ -1,7 +1,10 @@
-"""A plain, well-made recovery fine-tuning loop."""
+"""A plain, well-made recovery fine-tuning loop (SGD, cosine schedule, optional distillation).
+
+Owns :func:`finetune` and the two pieces :mod:`oba_fx.train` shares with it: :func:`optimizer_step` and
+:func:`cosine_lambda`.  The batches come from ``passes.calibration.batches`` (split, device, shard).
+"""
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable, Iterable
 
@@ -10,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .passes import distributed as _dist
-from .passes.curvature import _to, default_loss, split_batch
+from .passes.calibration import batches, default_loss
+from .passes.errors import UsageError
 
 __all__ = ["finetune", "optimizer_step", "cosine_lambda"]
 
@@ -60,7 +64,7 @@ def finetune(
         History: {"loss": [mean loss per epoch], "steps": n}.
     """
     if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
+        raise UsageError(f"epochs must be >= 0, got {epochs}")
     loss_fn = loss_fn or default_loss
     try:
         n_batches = len(train_data)
@@ -68,59 +72,35 @@ def finetune(
         train_data = list(train_data)
         n_batches = len(train_data)
     if n_batches == 0 and epochs:
-        raise ValueError("train_data is empty: give at least one (inputs, targets) batch")
+        raise UsageError("train_data is empty: give at least one (inputs, targets) batch")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
     ctx = _dist.current()
-    net = model
     per_rank = _dist.steps_per_rank(n_batches)  # equal step counts on every rank (DDP needs them)
-    if ctx is not None and ctx.world > 1:
-        if per_rank == 0:
-            raise ValueError(f"train_data has {n_batches} batches for {ctx.world} ranks: give at least one per rank")
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, process_group=ctx.group)
-    total = max(1, epochs * per_rank)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))
-    device = next(model.parameters()).device
+    net = _data_parallel(model, ctx, per_rank, n_batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(max(1, epochs * per_rank)))
     if teacher is not None:
         teacher = teacher.eval()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    loss_of = _distilled(loss_fn, teacher, kd_alpha, kd_temperature) if teacher is not None else \
+        (lambda out, inputs, targets: loss_fn(out, targets))
     history = {"loss": [], "steps": 0}
+    device = next(model.parameters()).device
     for epoch in range(epochs):
         if hasattr(train_data, "set_epoch"):  # seeded loaders (oba_fx.data): a fresh order each epoch
             train_data.set_epoch(epoch)
         net.train()
-        it = train_data
-        if progress and tqdm is not None:
-            it = tqdm(train_data, total=n_batches, desc=f"finetune epoch {epoch + 1}/{epochs}", leave=False)
+        loop = batches(train_data, device, max_batches=per_rank, drain=True, progress=progress, total=n_batches,
+                       desc=f"finetune epoch {epoch + 1}/{epochs}")
         running, seen = 0.0, 0
-        taken = 0
-        for bi, batch in enumerate(it):
-            if not _dist.mine(bi) or taken >= per_rank:
-                continue
-            taken += 1
-            inputs, targets = split_batch(batch, bi)
-            inputs, targets = _to(inputs, device), _to(targets, device)
-            out = net(*inputs)
-            loss = loss_fn(out, targets)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = teacher(*inputs)
-                T = kd_temperature
-                kd = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t_out / T, -1), log_target=True,
-                              reduction="batchmean") * T * T
-                loss = (1 - kd_alpha) * loss + kd_alpha * kd
-            optimizer_step(loss, opt, sched, f"finetune epoch {epoch + 1}, batch {bi}")
-            b = int(inputs[0].shape[0])
+        for batch in loop:
+            loss = loss_of(net(*batch.inputs), batch.inputs, batch.targets)
+            optimizer_step(loss, opt, sched, f"finetune epoch {epoch + 1}, batch {batch.index}")
+            b = int(batch.inputs[0].shape[0])
             running += float(loss.detach()) * b
             seen += b
             history["steps"] += 1
-            if progress and tqdm is not None:
-                it.set_postfix(loss=f"{running / max(seen, 1):.4f}")
+            if loop.bar is not None:
+                loop.bar.set_postfix(loss=f"{running / max(seen, 1):.4f}")
         history["loss"].append(running / max(seen, 1))
     if net is not model:  # DDP syncs buffers at each forward; the last update is per rank: take rank 0's
         import torch.distributed as dist
@@ -129,7 +109,33 @@ def finetune(
             dist.broadcast(b, src=dist.get_global_rank(ctx.group, 0) if ctx.group is not None else 0,
                            group=ctx.group)
     model.eval()
-    from .unstructured import _refresh
+    from .unstructured import refresh_masked_weights
 
-    _refresh(model)  # pruning masks: leave graph-free weights so the model can be copied
+    refresh_masked_weights(model)  # pruning masks: leave graph-free weights so the model can be copied
     return history
+
+
+def _data_parallel(model: nn.Module, ctx, per_rank: int, n_batches: int) -> nn.Module:
+    """``model`` itself, or wrapped in DistributedDataParallel under a process group of several ranks."""
+    if ctx is None or ctx.world <= 1:
+        return model
+    if per_rank == 0:
+        raise UsageError(f"train_data has {n_batches} batches for {ctx.world} ranks: give at least one per rank")
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, process_group=ctx.group)
+
+
+def _distilled(loss_fn: Callable, teacher: nn.Module, kd_alpha: float, kd_temperature: float) -> Callable:
+    """``(out, inputs, targets) -> (1 − α) task loss + α T² KL(student‖teacher)`` at temperature T."""
+
+    def loss_of(out, inputs, targets):
+        loss = loss_fn(out, targets)
+        with torch.no_grad():
+            t_out = teacher(*inputs)
+        T = kd_temperature
+        kd = F.kl_div(F.log_softmax(out / T, -1), F.log_softmax(t_out / T, -1), log_target=True,
+                      reduction="batchmean") * T * T
+        return (1 - kd_alpha) * loss + kd_alpha * kd
+
+    return loss_of

@@ -25,6 +25,8 @@ class Graph:
         groups: every coupled group, prunable or frozen, ordered by id.
         ir: networkx DiGraph of the traced graph (op kind, module type, shapes).
         gm: the traced ``torch.fx.GraphModule`` (a private copy of the model).
+        traced: the trace pass's ``TracedGraph`` (what later passes read).
+        coupling: the coupling pass's ``CouplingResult``.
         warnings: messages about ops the coupling analysis did not understand.
     """
 
@@ -33,6 +35,16 @@ class Graph:
         self._result = result
 
     # -- views ---------------------------------------------------------------
+    @property
+    def traced(self) -> TracedGraph:
+        """The trace pass's result (read-only view): the GraphModule, recorded specs, example inputs, IR."""
+        return self._traced
+
+    @property
+    def coupling(self) -> CouplingResult:
+        """The coupling pass's result (read-only view): groups, position labels, closures, warnings."""
+        return self._result
+
     @property
     def groups(self) -> list[Group]:
         return self._result.groups

@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 import torch
 
 from .passes.curvature import curvature
+from .passes.errors import UsageError
 
 __all__ = ["JointModel", "Marginals", "select", "JOINT_ROUNDS"]
 
@@ -80,11 +81,11 @@ class JointModel:
     hvps: int = field(default=0, init=False)
 
     def __post_init__(self):
-        from .scoring import _channel_maps
+        from .scoring import channel_maps
 
         named = dict(self.graph.gm.named_parameters())
         self.names = [n for n, p in named.items() if p.requires_grad and p.is_floating_point()]
-        self.maps = _channel_maps(self.graph, set(self.names))
+        self.maps = channel_maps(self.graph, set(self.names))
         self.delta = {n: named[n].detach().neg() for n in self.names}
         self.sizes = {g.id: g.size for g in self.graph.prunable_groups}
         self._g = None
@@ -178,7 +179,7 @@ def select(model: JointModel, starts: dict[str, list[tuple[int, int]]], fill: Ca
         (removal, report): the report has the start's and final predictions and one entry per round.
     """
     if rounds < 0:
-        raise ValueError(f"rounds must be >= 0, got {rounds}")
+        raise UsageError(f"rounds must be >= 0, got {rounds}")
     evaluated = {}
     for name, order in starts.items():
         removal = fill(order)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .passes.modes import kept_modes
+from .passes.errors import UsageError
 
 __all__ = ["measure_latency", "ort_session", "pytorch_guidance"]
 
@@ -24,7 +25,7 @@ def ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: str
     """An onnxruntime session of ``model`` (exported and verified by ``export_onnx``) for timing."""
     import onnxruntime as ort
 
-    from .export import _providers, export_onnx
+    from .export import ort_providers, export_onnx
 
     path = export_onnx(model, example, folder / f"{name}.onnx", dynamo=dynamo)
     so = ort.SessionOptions()
@@ -33,7 +34,7 @@ def ort_session(model: nn.Module, example: torch.Tensor, folder: Path, name: str
     # no busy-waiting between runs: with interleaved sessions a spinning pool would steal the cores of the next one
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=_providers())
+    return ort.InferenceSession(str(path), so, providers=ort_providers())
 
 
 def measure_latency(
@@ -88,7 +89,7 @@ def measure_latency(
                 for name, m in models.items():
                     sessions[name] = ort_session(m, torch.randn(2, *input_shape), Path(tmp), name, threads)
             if channels_last and len(input_shape) != 3:
-                raise ValueError(f"channels_last needs image inputs (one sample's shape C, H, W), got {input_shape}")
+                raise UsageError(f"channels_last needs image inputs (one sample's shape C, H, W), got {input_shape}")
             backends = ((["pytorch"] if pytorch else []) + (["pytorch-channels_last"] if channels_last else [])
                         + (["pytorch-compiled"] if compiled else []) + (["onnxruntime"] if onnx else []))
             cl = {}
@@ -99,7 +100,7 @@ def measure_latency(
             # a wrapper around the module: the user's model stays as it is (unlike ``m.compile()``)
             tc = {name: torch.compile(m, dynamic=False) for name, m in models.items()} if compiled else {}
             if not backends:
-                raise ValueError("measure_latency: nothing to time (pytorch=False and onnx=False)")
+                raise UsageError("measure_latency: nothing to time (pytorch=False and onnx=False)")
             jobs = [(b, bs) for bs in batch_sizes for b in backends]
             it = jobs
             if progress:

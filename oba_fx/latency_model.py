@@ -42,6 +42,7 @@ import torch.nn as nn
 from .passes.modes import kept_modes
 
 from .io import write_json
+from .passes.errors import UsageError
 
 __all__ = ["Layer", "LatencyModel", "LatencyTarget", "cache_dir", "find_layers", "layer_members", "time_module"]
 
@@ -347,10 +348,10 @@ class LatencyTarget:
     def __init__(self, model: nn.Module, args: tuple, backend: str, batch: int, threads: int | None,
                  repeats: int, progress: bool):
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise ValueError("target_latency needs a model with one tensor input (it is timed on random inputs "
+            raise UsageError("target_latency needs a model with one tensor input (it is timed on random inputs "
                              "of example_inputs' shape); use target_flops= for models with several inputs")
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"latency_batch must be a positive int, got {batch!r}")
+            raise UsageError(f"latency_batch must be a positive int, got {batch!r}")
         self.shape = tuple(args[0].shape[1:])
         self.backend, self.batch, self.repeats, self.progress = backend, batch, repeats, progress
         self.threads = threads or torch.get_num_threads()

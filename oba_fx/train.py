@@ -13,6 +13,9 @@ weights; nothing else is needed.  Resuming reloads model, optimizer, scheduler
 and the epoch counter; data order and augmentation are seeded by
 ``(seed, epoch)`` (:class:`oba_fx.data.TensorLoader`), so an interrupted run
 continues to the same final weights as an uninterrupted one.
+
+Owns :func:`train`, :func:`evaluate`, the checkpoint format and :func:`read_checkpoint` /
+:func:`load_checkpoint`; batches come from ``passes.calibration`` (``batches``, ``reduce``).
 """
 from __future__ import annotations
 
@@ -24,18 +27,19 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .passes.curvature import _to, default_loss, split_batch
+from .passes.calibration import Batch, Sums, batches, default_loss, reduce, size_of_targets
 from .passes.modes import kept_modes
 
 from .finetune import cosine_lambda, optimizer_step
 from .io import atomic_write
+from .passes.errors import UsageError
 
-__all__ = ["train", "evaluate", "load_checkpoint", "CHECKPOINT_FORMAT", "CheckpointError"]
+__all__ = ["train", "evaluate", "load_checkpoint", "read_checkpoint", "CHECKPOINT_FORMAT", "CheckpointError"]
 
 CHECKPOINT_FORMAT = "oba_fx.checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A file is not a usable oba_fx checkpoint."""
 
 
@@ -44,25 +48,17 @@ def evaluate(model: nn.Module, data, loss_fn: Callable | None = None, progress: 
              desc: str = "eval") -> dict:
     """Top-1 accuracy and mean loss of ``model`` over ``data`` (batches of (inputs, targets))."""
     loss_fn = loss_fn or default_loss
-    device = next(model.parameters()).device
-    it = data
-    if progress:
-        from tqdm.auto import tqdm
 
-        it = tqdm(data, desc=desc, leave=False)
-    correct, total, loss_sum = 0, 0, 0.0
+    def step(batch: Batch, sums: Sums) -> None:
+        out = model(*batch.inputs)
+        sums.add("loss", float(loss_fn(out, batch.targets)), batch.size)
+        sums.add("accuracy", int((out.argmax(-1) == batch.targets).sum()))
+
     with kept_modes(model, training=False):
-        for bi, batch in enumerate(it):
-            inputs, targets = split_batch(batch, bi)
-            inputs, targets = _to(inputs, device), _to(targets, device)
-            out = model(*inputs)
-            b = int(targets.shape[0])
-            loss_sum += float(loss_fn(out, targets)) * b
-            correct += int((out.argmax(-1) == targets).sum())
-            total += b
-    if total == 0:
-        raise ValueError("evaluate: the data yielded no samples")
-    return {"accuracy": correct / total, "loss": loss_sum / total, "samples": total}
+        sums = reduce(data, step, device=next(model.parameters()).device, distributed=False, size=size_of_targets,
+                      progress=progress, desc=desc, empty=ValueError("evaluate: the data yielded no samples"))
+    means = sums.mean()
+    return {"accuracy": means["accuracy"], "loss": means["loss"], "samples": sums.samples}
 
 
 def _schedule(opt, kind: str, total: int, lr: float):
@@ -71,7 +67,7 @@ def _schedule(opt, kind: str, total: int, lr: float):
     if kind == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2), pct_start=0.25,
                                                    anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
-    raise ValueError(f"schedule must be 'cosine' or 'onecycle', got {kind!r}")
+    raise UsageError(f"schedule must be 'cosine' or 'onecycle', got {kind!r}")
 
 
 def train(
@@ -109,62 +105,27 @@ def train(
         ``{"history": [per-epoch dicts], "epoch": epochs completed}``.
     """
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise UsageError(f"epochs must be >= 1, got {epochs}")
     if resume and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+        raise UsageError("resume=True needs checkpoint= (the file to resume from)")
     n_batches = len(train_data)
     if n_batches == 0:
-        raise ValueError("train_data yields no batches; use more data or a smaller batch size")
+        raise UsageError("train_data yields no batches; use more data or a smaller batch size")
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                          lr=lr, momentum=momentum, nesterov=momentum > 0)
+    opt = _sgd(model, lr, momentum, weight_decay)
     sched = _schedule(opt, schedule, epochs * n_batches, lr)
     config = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "epochs": epochs,
               "label_smoothing": label_smoothing, "seed": seed, "batches_per_epoch": n_batches}
     start, history = 0, []
     if resume:
-        ck = _read(checkpoint)
-        if ck.get("config", {}).get("epochs") != epochs or ck.get("config", {}).get("batches_per_epoch") != n_batches:
-            raise CheckpointError(
-                f"{checkpoint} was written by a run with epochs={ck['config'].get('epochs')} and "
-                f"{ck['config'].get('batches_per_epoch')} batches/epoch; resume with the same settings "
-                f"(got epochs={epochs}, {n_batches} batches/epoch)")
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, history = int(ck["epoch"]), list(ck["history"])
+        start, history = _resume(checkpoint, model, opt, sched, epochs, n_batches)
         log(f"resuming {checkpoint} after epoch {start}/{epochs}")
     crit = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    bar = None
     for epoch in range(start, epochs):
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(epoch)
         torch.manual_seed(seed * 1000 + epoch)  # dropout etc.: same stream on resume
-        model.train()
-        it = train_data
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = it = tqdm(train_data, total=n_batches, desc=f"train epoch {epoch + 1}/{epochs}", leave=False)
-        t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for bi, batch in enumerate(it):
-            inputs, targets = split_batch(batch, bi)
-            inputs, targets = _to(inputs, device), _to(targets, device)
-            out = model(*inputs)
-            loss = crit(out, targets)
-            optimizer_step(loss, opt, sched, f"training epoch {epoch + 1}, batch {bi}")
-            b = int(targets.shape[0])
-            loss_sum += float(loss.detach()) * b
-            correct += int((out.detach().argmax(-1) == targets).sum())
-            seen += b
-            if bar is not None and bi % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "seconds": time.perf_counter() - t0, "lr_end": sched.get_last_lr()[0]}
+        rec = _train_epoch(model, train_data, crit, opt, sched, epoch, epochs, n_batches, progress)
         if eval_data is not None:
             ev = evaluate(model, eval_data)
             rec.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
@@ -183,7 +144,54 @@ def train(
     return {"history": history, "epoch": epochs}
 
 
-def _read(path) -> dict[str, Any]:
+def _sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; weight decay on the weights (ndim > 1) only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                            {"params": no_decay, "weight_decay": 0}],
+                           lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def _resume(checkpoint, model, opt, sched, epochs: int, n_batches: int) -> tuple[int, list]:
+    """Load model, optimizer and scheduler from ``checkpoint``; (epochs done, history)."""
+    ck = read_checkpoint(checkpoint)
+    if ck.get("config", {}).get("epochs") != epochs or ck.get("config", {}).get("batches_per_epoch") != n_batches:
+        raise CheckpointError(
+            f"{checkpoint} was written by a run with epochs={ck['config'].get('epochs')} and "
+            f"{ck['config'].get('batches_per_epoch')} batches/epoch; resume with the same settings "
+            f"(got epochs={epochs}, {n_batches} batches/epoch)")
+    model.load_state_dict(ck["state_dict"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    return int(ck["epoch"]), list(ck["history"])
+
+
+def _train_epoch(model, train_data, crit, opt, sched, epoch: int, epochs: int, n_batches: int,
+                 progress: bool) -> dict:
+    """One epoch of SGD steps; the epoch's record (train loss and accuracy, seconds, last learning rate)."""
+    model.train()
+    device = next(model.parameters()).device
+    loop = batches(train_data, device, shard=False, progress=progress, total=n_batches,
+                   desc=f"train epoch {epoch + 1}/{epochs}")
+    t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+    for batch in loop:
+        out = model(*batch.inputs)
+        loss = crit(out, batch.targets)
+        optimizer_step(loss, opt, sched, f"training epoch {epoch + 1}, batch {batch.index}")
+        b = int(batch.targets.shape[0])
+        loss_sum += float(loss.detach()) * b
+        correct += int((out.detach().argmax(-1) == batch.targets).sum())
+        seen += b
+        if loop.bar is not None and batch.index % 10 == 0:
+            loop.bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "seconds": time.perf_counter() - t0, "lr_end": sched.get_last_lr()[0]}
+
+
+def read_checkpoint(path) -> dict[str, Any]:
+    """The checkpoint dict of a training checkpoint file (CheckpointError if it is not one)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -197,16 +205,17 @@ def _read(path) -> dict[str, Any]:
     return ck
 
 
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild the model of a training checkpoint; returns ``(model in eval mode, checkpoint dict)``."""
-    import models_zoo
+    from models_zoo.registry import create  # the registry, not the package (which imports this module back)
 
-    ck = _read(path)
+    ck = read_checkpoint(path)
     spec = ck.get("model") or {}
     if "name" not in spec:
         raise CheckpointError(f"{path} does not record which model it holds (no model name)")
     try:
-        model = models_zoo.create(spec["name"], **spec.get("kwargs", {}))
+        model = create(spec["name"], **spec.get("kwargs", {}))
         model.load_state_dict(ck["state_dict"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: cannot rebuild model {spec['name']} from its weights "

@@ -1,4 +1,9 @@
-"""Unstructured (per-weight) pruning from per-parameter scores, with held masks."""
+"""Unstructured (per-weight) pruning from per-parameter scores, with held masks.
+
+Owns :func:`compress_unstructured` (score, threshold, mask, optionally fine-tune, per step),
+:func:`make_permanent`, :func:`sparsity_report` and :func:`refresh_masked_weights` (graph-free masked
+weights, so a masked model can be deep-copied; ``oba_fx.finetune`` calls it too).
+"""
 from __future__ import annotations
 
 import copy
@@ -10,12 +15,13 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 
 from .passes import distributed as _dist
-from .passes.curvature import CalibrationError
+from .passes.calibration import BatchStream, CalibrationError
 
-from .compress import CompressResult, _Stream
-from .scoring import CRITERIA, parameter_scores
+from .compress import CompressResult
+from .scoring import criteria, get_criterion, parameter_scores
+from .passes.errors import UsageError
 
-__all__ = ["compress_unstructured", "make_permanent", "sparsity_report"]
+__all__ = ["compress_unstructured", "make_permanent", "sparsity_report", "refresh_masked_weights"]
 
 _PRUNABLE = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -50,7 +56,7 @@ def sparsity_report(model: nn.Module, scored: Iterable[str] | None = None) -> di
     return {"layers": layers, "overall": zs / ts if ts else 0.0, "overall_all_layers": zeros / total if total else 0.0}
 
 
-def _refresh(model: nn.Module) -> nn.Module:
+def refresh_masked_weights(model: nn.Module) -> nn.Module:
     """Recompute masked weights as graph-free tensors, so the module can be deep-copied.
 
     ``torch.nn.utils.prune`` stores ``weight = weight_orig * weight_mask`` as a
@@ -111,73 +117,38 @@ def compress_unstructured(
         CompressResult; ``report["sparsity"]`` gives the real per-layer sparsity.
     """
     if not (0 <= sparsity < 1):
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if criterion not in CRITERIA or criterion == "group-exact":
-        raise ValueError(f"criterion must be one of {[c for c in CRITERIA if c != 'group-exact']}, got {criterion!r}")
+        raise UsageError(f"sparsity must be in [0, 1), got {sparsity}")
+    per_parameter = [c for c in criteria() if get_criterion(c).scores is not None]
+    if criterion not in per_parameter:
+        raise UsageError(f"criterion must be one of {per_parameter}, got {criterion!r}")
     if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        raise UsageError(f"scope must be 'global' or 'layer', got {scope!r}")
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+        raise UsageError(f"steps must be a positive int, got {steps!r}")
     if calibration is None:
         raise CalibrationError("calibration is None: give an iterable of (inputs, targets) batches")
     if iter(calibration) is calibration:
         calibration = list(calibration)
+    scoring = {"probes": probes, "progress": progress, "micro_batch": micro_batch, "checkpoint": checkpoint}
     t_start = time.perf_counter()
     work = copy.deepcopy(model)
     targets = _targets(work, include_last)
     if not targets:
-        raise ValueError("the model has no Conv/Linear layers to prune")
-    stream = _Stream(calibration, batches_per_step)
+        raise UsageError("the model has no Conv/Linear layers to prune")
+    stream = BatchStream(calibration, batches_per_step)
     step_reports = []
     for step in range(1, steps + 1):
         goal = 1 - (1 - sparsity) ** (step / steps)
-        batches = stream.next()
-        # score a plain copy whose weights are the masked ones: δ = −θ is zero on pruned weights
-        plain = make_permanent(copy.deepcopy(_refresh(work)))
-        names = [f"{n}.weight" if n else "weight" for n, _ in _targets(plain, include_last)]
         t0 = time.perf_counter()
-        scores = parameter_scores(plain, batches, criterion, loss_fn, params=names, probes=probes, seed=seed + step,
-                                  progress=progress, micro_batch=micro_batch, checkpoint=checkpoint)
-        t_score = time.perf_counter() - t0
-        masks = {}
-        alive = {}
-        for (mname, m), pname in zip(targets, names):
-            w = _effective_weight(m)
-            alive[mname] = w != 0 if prune.is_pruned(m) else torch.ones_like(w, dtype=torch.bool)
-            imp = scores[pname].abs().to(torch.float64)
-            imp = torch.where(alive[mname], imp, torch.full_like(imp, -1.0))  # pruned stay pruned
-            masks[mname] = imp
-        if scope == "global":
-            flat = torch.cat([v.reshape(-1) for v in masks.values()])
-            k = int(round(goal * flat.numel()))
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-            if k:
-                chosen[torch.argsort(flat, stable=True)[:k]] = True
-            offset = 0
-            new_masks = {}
-            for mname, v in masks.items():
-                n = v.numel()
-                new_masks[mname] = ~chosen[offset : offset + n].reshape(v.shape)
-                offset += n
-        else:
-            new_masks = {}
-            for mname, v in masks.items():
-                k = int(round(goal * v.numel()))
-                keep = torch.ones(v.numel(), dtype=torch.bool)
-                if k:
-                    keep[torch.argsort(v.reshape(-1), stable=True)[:k]] = False
-                new_masks[mname] = keep.reshape(v.shape)
-        for mname, m in targets:
-            mask = new_masks[mname].to(m.weight.device, dtype=m.weight.dtype)
-            if prune.is_pruned(m):
-                prune.remove(m, "weight")
-            prune.custom_from_mask(m, "weight", mask)
-        rep = {"step": step, "goal": goal, "seconds": {"score": t_score}}
+        scores, names = _step_scores(work, stream.next(), criterion, loss_fn, include_last,
+                                     dict(scoring, seed=seed + step))
+        rep = {"step": step, "goal": goal, "seconds": {"score": time.perf_counter() - t0}}
+        _apply_masks(targets, _select(targets, names, scores, goal, scope))
         if finetune is not None:
             t0 = time.perf_counter()
             finetune(work, step)
             rep["seconds"]["finetune"] = time.perf_counter() - t0
-        _refresh(work)
+        refresh_masked_weights(work)
         rep["sparsity"] = sparsity_report(work, [n for n, _ in targets])["overall"]
         step_reports.append(rep)
     report = {
@@ -190,3 +161,49 @@ def compress_unstructured(
         "seconds_total": time.perf_counter() - t_start,
     }
     return CompressResult(model=work, report=report)
+
+
+def _step_scores(work, batches, criterion, loss_fn, include_last, scoring: dict):
+    """Per-weight scores of one step: on a plain copy whose weights are the masked ones (δ = −θ is zero on
+    pruned weights)."""
+    plain = make_permanent(copy.deepcopy(refresh_masked_weights(work)))
+    names = [f"{n}.weight" if n else "weight" for n, _ in _targets(plain, include_last)]
+    return parameter_scores(plain, batches, criterion, loss_fn, params=names, **scoring), names
+
+
+def _select(targets, names, scores, goal: float, scope: str) -> dict[str, torch.Tensor]:
+    """Keep-masks reaching sparsity ``goal`` of the scored weights (one threshold, or one per layer)."""
+    masks = {}
+    for (mname, m), pname in zip(targets, names):
+        w = _effective_weight(m)
+        alive = w != 0 if prune.is_pruned(m) else torch.ones_like(w, dtype=torch.bool)
+        imp = scores[pname].abs().to(torch.float64)
+        masks[mname] = torch.where(alive, imp, torch.full_like(imp, -1.0))  # pruned stay pruned
+    new_masks = {}
+    if scope == "global":
+        flat = torch.cat([v.reshape(-1) for v in masks.values()])
+        k = int(round(goal * flat.numel()))
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+        if k:
+            chosen[torch.argsort(flat, stable=True)[:k]] = True
+        offset = 0
+        for mname, v in masks.items():
+            n = v.numel()
+            new_masks[mname] = ~chosen[offset : offset + n].reshape(v.shape)
+            offset += n
+    else:
+        for mname, v in masks.items():
+            k = int(round(goal * v.numel()))
+            keep = torch.ones(v.numel(), dtype=torch.bool)
+            if k:
+                keep[torch.argsort(v.reshape(-1), stable=True)[:k]] = False
+            new_masks[mname] = keep.reshape(v.shape)
+    return new_masks
+
+
+def _apply_masks(targets, new_masks) -> None:
+    for mname, m in targets:
+        mask = new_masks[mname].to(m.weight.device, dtype=m.weight.dtype)
+        if prune.is_pruned(m):
+            prune.remove(m, "weight")
+        prune.custom_from_mask(m, "weight", mask)

@@ -20,6 +20,7 @@ multiple of its NCHWc block). A group may always keep its original width, whatev
 from __future__ import annotations
 
 import math
+from .passes.errors import UsageError
 
 __all__ = ["ROUND_TO", "BACKENDS", "resolve_round_to", "channels_per_unit", "group_multiple"]
 
@@ -33,14 +34,14 @@ _WIDTH_ROLES = ("producer", "consumer", "norm", "bias", "head")
 def resolve_round_to(round_to, backend: str) -> int | None:
     """The multiple ``compress`` rounds to: ``"auto"`` -> ``ROUND_TO[backend]``; None or 1 -> no rounding."""
     if backend not in ROUND_TO:
-        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)} (the runtime the slim "
+        raise UsageError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)} (the runtime the slim "
                          f"model is deployed on; it picks the channel multiple), got {backend!r}")
     if round_to == "auto":
         return ROUND_TO[backend]
     if round_to is None:
         return None
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise ValueError(f"round_to must be 'auto' (the multiple measured for the backend), a positive int, or "
+        raise UsageError(f"round_to must be 'auto' (the multiple measured for the backend), a positive int, or "
                          f"None (no rounding); got {round_to!r}")
     return None if round_to == 1 else round_to
 

@@ -40,11 +40,12 @@ import torch.fx
 import torch.nn as nn
 from .stateless import reparametrized
 from torch.utils import _pytree as pytree
+from .errors import UsageError
 
 __all__ = ["SegmentedGraph", "RecomputeError"]
 
 
-class RecomputeError(ValueError):
+class RecomputeError(UsageError):
     """Activation checkpointing cannot be applied to this model or request.
 
     (Not ``oba_fx.CheckpointError``, which is about training checkpoint files.)
@@ -54,7 +55,7 @@ class RecomputeError(ValueError):
 def _as_graph_module(model: nn.Module) -> torch.fx.GraphModule:
     if isinstance(model, torch.fx.GraphModule):
         return model
-    from .trace import _LeafTracer, default_leaf_types
+    from .trace import LeafTracer as _LeafTracer, default_leaf_types
 
     try:
         # shares the model's submodules and parameters (no copy); the model is in eval mode here

@@ -20,6 +20,8 @@ fused kernel never exposes, is captured by re-running the attention with an iden
 ``self.proj`` Linears are plain Linears). A depthwise conv never needs it (its input channel vanishes with
 its output). Layers whose Gram matrix would exceed ``max_dim`` columns, transposed convs, Conv3d and
 weights used functionally (``F.linear(x, self.w)``) are left as sliced and listed in the report.
+
+Owns :func:`compensate` (plan, Gram capture over ``passes.calibration.batches``, refit).
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .curvature import CalibrationError, split_batch
+from .calibration import CalibrationError, batches as calibration_batches
 from .modes import kept_modes
+from .errors import UsageError
 
 __all__ = ["compensate", "DEFAULT_DAMPING"]
 
@@ -182,7 +185,7 @@ def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[
         ‖X_K W'ᵀ − X Wᵀ‖ / ‖X Wᵀ‖ on the calibration data (from the Gram matrices, exact).
     """
     if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+        raise UsageError(f"damping must be >= 0, got {damping}")
     plan, skipped = _plan(original, slim, cuts, max_dim)
     report: dict[str, Any] = {"layers": [], "skipped": skipped, "rows": {}, "output_error": {}}
     if not plan:
@@ -195,11 +198,9 @@ def compensate(original: nn.Module, slim: nn.Module, cuts: Mapping[str, Mapping[
     used = 0
     with kept_modes(original, training=False):
         with torch.no_grad(), _capture(original, plan, grams):
-            for i, batch in enumerate(batches):
-                if max_batches is not None and used >= max_batches:
-                    break
-                inputs, _ = split_batch(batch, i)
-                original(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs))
+            for batch in calibration_batches(batches, device, shard=False, max_batches=max_batches,
+                                             move_targets=False):
+                original(*batch.inputs)
                 used += 1
     if used == 0:
         raise CalibrationError("compensation got no calibration batches")

@@ -3,7 +3,7 @@
 Model.  Every dimension of every tensor in the traced graph -- node values,
 parameters, buffers, and a few module attributes such as a grouped conv's
 ``groups`` -- is a *slot*; each index along it is a *position*.  Op rules
-(``passes/coupling_rules.py``) state two kinds of facts:
+(``passes/coupling/``) state two kinds of facts:
 
 * ``equal``: two positions vanish together (an add's operands, a conv's output
   channel and its weight row, a cat's input and its offset in the output);
@@ -23,6 +23,10 @@ A component is frozen when it, or anything removed with it, touches a frozen
 position: a model input or output, an op no rule understands, an integer index,
 a dimension whose size the model reads in arithmetic, or a layer the user
 ignores.  Never guess: unknown means frozen.
+
+This module owns the slot model (``Coupling``), the solver (``coupled_groups``)
+and the result types (``Group``, ``Member``, ``CouplingResult``); the per-op
+facts live in ``passes/coupling/``.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
+from .coupling import apply_rules
+from .fxutil import get_qualified
+from .meta import SPEC
 from .trace import TensorSpec, TracedGraph
 
 __all__ = ["Member", "Group", "Coupling", "CouplingResult", "coupled_groups", "UnknownOpWarning"]
@@ -96,6 +103,9 @@ class Group:
         prunable: False when frozen.
         reason: why it is frozen ("" when prunable).
         label: short human-readable description (the slot that defines it).
+        key: the group's identity across re-traces of the same model: its first
+            producer / head / norm / embedding / consumer slice (``"conv1.weight[dim 0]"``),
+            else its defining slot.  ``label`` starts with it.
     """
 
     id: int
@@ -104,6 +114,7 @@ class Group:
     prunable: bool
     reason: str
     label: str
+    key: str = ""
     _components: np.ndarray = field(repr=False, default=None)  # component id per channel
     _sort_key: tuple = field(repr=False, default=())
 
@@ -126,7 +137,6 @@ class Coupling:
         self.products: list[tuple[int, tuple[int, ...]]] = []
         self.frozen: dict[int, str] = {}  # position -> reason (first reason wins)
         self._frozen_slots: list[tuple[int, np.ndarray | None, str]] = []
-        self.node_notes: dict[str, dict] = defaultdict(dict)  # per-node facts for the rewrite pass
         # python values computed from tensor shapes (``B, N, C = x.shape``; ``C // heads``):
         # node name -> the slots whose sizes they depend on
         self.size_reads: dict[str, frozenset[int]] = {}
@@ -143,9 +153,13 @@ class Coupling:
             self._n += info.size
         return sid
 
+    def slot_of(self, node_name: str, path: tuple[int, ...], dim: int) -> int | None:
+        """The slot of dim ``dim`` of a node's value (at ``path`` of a multi-output node); None if it has none."""
+        return self._index.get(("value", node_name, tuple(path), dim))
+
     def value(self, node, path: tuple[int, ...] = ()) -> list[int] | None:
         """Slot ids of each dim of a node's tensor value (None if not a tensor)."""
-        spec = node.meta.get("spec")
+        spec = node.meta.get(SPEC)
         for p in path:
             if not isinstance(spec, tuple) or p >= len(spec):
                 return None
@@ -162,7 +176,9 @@ class Coupling:
 
         Only dims that can shrink get slots (a conv kernel's spatial dims never do).
         """
-        t = _get_tensor(self.traced.gm, qualname)
+        t = get_qualified(self.traced.gm, qualname)
+        if not isinstance(t, torch.Tensor):
+            raise AssertionError(f"{qualname} is not a tensor")
         out = {}
         for d, role in roles.items():
             key = ("param", qualname, (), d)
@@ -203,16 +219,23 @@ class Coupling:
         warnings.warn(message, UnknownOpWarning, stacklevel=4)
 
     # -- solving ---------------------------------------------------------
+    @property
+    def n_positions(self) -> int:
+        """Positions over all slots."""
+        return self._n
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every ``equal`` fact as two aligned arrays of positions."""
+        a = np.concatenate(self._edges_a) if self._edges_a else np.zeros(0, dtype=np.int64)
+        b = np.concatenate(self._edges_b) if self._edges_b else np.zeros(0, dtype=np.int64)
+        return a, b
+
+    def frozen_facts(self) -> list[tuple[int, np.ndarray | None, str]]:
+        """Every ``freeze`` fact: (slot, positions or None for all, reason), in the order stated."""
+        return list(self._frozen_slots)
+
     def positions(self, sid: int) -> np.ndarray:
         return np.arange(self.offsets[sid], self.offsets[sid] + self.size(sid))
-
-
-def _get_tensor(gm: torch.nn.Module, qualname: str) -> torch.Tensor:
-    mod_name, _, attr = qualname.rpartition(".")
-    t = getattr(gm.get_submodule(mod_name), attr)
-    if not isinstance(t, torch.Tensor):
-        raise AssertionError(f"{qualname} is not a tensor")
-    return t
 
 
 class _UnionFind:
@@ -314,7 +337,7 @@ def _solve_products(c: Coupling, uf: _UnionFind) -> tuple[dict[int, tuple[int, .
     return deriv, conflicts, conflict_factors
 
 
-def _component_closures(deriv: dict[int, tuple[int, ...]], n_comp: int) -> dict[int, set[int]]:
+def _component_closures(deriv: dict[int, tuple[int, ...]]) -> dict[int, set[int]]:
     """For every component: itself plus all components derived from it (transitively)."""
     children: dict[int, set[int]] = defaultdict(set)
     for k, factors in deriv.items():
@@ -343,13 +366,10 @@ def coupled_groups(traced: TracedGraph, ignore: Iterable[str] = ()) -> CouplingR
         ignore: qualified module or parameter names whose output channels the
             user wants kept (frozen).
     """
-    from .coupling_rules import apply_rules
-
     c = Coupling(traced)
     apply_rules(c, ignore=tuple(ignore))
-    n = c._n
-    a = np.concatenate(c._edges_a) if c._edges_a else np.zeros(0, dtype=np.int64)
-    b = np.concatenate(c._edges_b) if c._edges_b else np.zeros(0, dtype=np.int64)
+    n = c.n_positions
+    a, b = c.edges()
     uf = _UnionFind(n, a, b)
     deriv, conflicts, conflict_factors = _solve_products(c, uf)
     labels = uf.labels
@@ -357,7 +377,7 @@ def coupled_groups(traced: TracedGraph, ignore: Iterable[str] = ()) -> CouplingR
 
     # frozen components, with the first reason seen
     comp_reason: dict[int, str] = {}
-    for sid, idx, reason in c._frozen_slots:
+    for sid, idx, reason in c.frozen_facts():
         pos = c.positions(sid) if idx is None else c.offsets[sid] + idx
         for k in np.unique(labels[pos]).tolist():
             comp_reason.setdefault(k, reason)
@@ -366,7 +386,7 @@ def coupled_groups(traced: TracedGraph, ignore: Iterable[str] = ()) -> CouplingR
         for f in set(deriv.get(k, ())) | conflict_factors.get(k, set()):
             comp_reason.setdefault(f, reason)
 
-    closures = _component_closures(deriv, n_comp)
+    closures = _component_closures(deriv)
 
     # which slots each component touches, and its parameter positions
     slot_of_pos = np.repeat(np.arange(len(c.slots)), [s.size for s in c.slots])
@@ -443,15 +463,21 @@ def _assemble(c, comps, comp_closure, comp_positions, slot_of_pos, comp_reason, 
     size = len(comps)
     if not reason and size < 2:
         reason = "a single channel: at least one must remain"
-    fs = c.slots[first_slot]
-    label = f"{fs.ref}{list(fs.path) if fs.path else ''}[dim {fs.dim}]"
+    key, label = _key_and_label(c.slots[first_slot], members)
+    g = Group(id=-1, size=size, members=members, prunable=not reason, reason=reason, label=label, key=key)
+    g._components = np.asarray(comps, dtype=np.int64)
+    g._sort_key = (first_slot, int(comp_positions(comps[0]).min()))
+    return g
+
+
+def _key_and_label(fs: SlotInfo, members: list[Member]) -> tuple[str, str]:
+    """A group's key (its first producer / head / norm / embedding / consumer slice, else its defining slot)
+    and its label (the key, with the slice's role and the defining slot)."""
+    defining = f"{fs.ref}{list(fs.path) if fs.path else ''}[dim {fs.dim}]"
     for role in ("producer", "head", "norm", "embedding", "consumer"):
         m = next((m for m in members if m.role == role), None)
         if m is not None:
             kind = {"producer": "out", "consumer": "in"}.get(role, role)
-            label = f"{m.name}[dim {m.dim}] ({kind}; first seen at {label})"
-            break
-    g = Group(id=-1, size=size, members=members, prunable=not reason, reason=reason, label=label)
-    g._components = np.asarray(comps, dtype=np.int64)
-    g._sort_key = (first_slot, int(comp_positions(comps[0]).min()))
-    return g
+            key = f"{m.name}[dim {m.dim}]"
+            return key, f"{key} ({kind}; first seen at {defining})"
+    return defining, defining

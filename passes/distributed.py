@@ -3,8 +3,9 @@
 The public entry points (``parameter_scores``, ``group_scores``, ``compress``,
 ``compress_unstructured``, ``curvature``, ``evaluate_loss``, ``finetune``) accept
 ``process_group=``: an initialized group (or ``True`` for the default world
-group).  Inside, a context variable carries the group to every loop over
-calibration data.  With ``shard=True`` (the default) every rank is handed the
+group).  Inside, a context variable carries the group to the calibration loop
+(``passes.calibration``: its ``Batches`` shard with :func:`mine`, its ``Sums``
+all-reduce with :func:`all_reduce_` / :func:`all_reduce_values`).  With ``shard=True`` (the default) every rank is handed the
 same calibration batches and processes those with ``index % world == rank``;
 with ``shard=False`` each rank's iterable is already its own shard (e.g. a
 DataLoader with a DistributedSampler).  Per-batch results are accumulated as
@@ -12,6 +13,9 @@ sample-weighted float64 sums, all-reduced, and divided by the global sample
 count, so every rank ends with the same numbers as one process over all the
 data (up to float64 summation order), and therefore makes the same pruning
 decision.
+
+Owns the process-group context and the collective primitives; the data loop itself is
+``passes.calibration``.
 """
 from __future__ import annotations
 
@@ -107,8 +111,14 @@ def all_reduce_values(*values: float, device=None) -> tuple[float, ...]:
 
 
 def is_rank0() -> bool:
+    """Whether this process is rank 0: of the active group, else of torch.distributed's default group (True
+    when neither is set up). The command line writes files and prints on rank 0 only."""
     ctx = _CTX.get()
-    return ctx is None or ctx.rank == 0
+    if ctx is not None:
+        return ctx.rank == 0
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def accepts_process_group(fn: Callable) -> Callable:

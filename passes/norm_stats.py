@@ -16,6 +16,9 @@ other modules' modes (dropout stays off) and ``requires_grad`` flags are restore
 Only ``nn.modules.batchnorm._BatchNorm`` layers that track running statistics are touched
 (``FrozenBatchNorm2d`` and ``track_running_stats=False`` layers have nothing to re-estimate); a
 SyncBatchNorm is re-estimated like a BatchNorm on one process.
+
+Owns :func:`reestimate_batchnorm` and :func:`batchnorm_layers`; the batches come from
+``passes.calibration.batches``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from .curvature import CalibrationError, split_batch
+from .calibration import CalibrationError, batches as calibration_batches
 
 __all__ = ["reestimate_batchnorm", "batchnorm_layers"]
 
@@ -50,6 +53,10 @@ def _sync_bn_as_bn(layers):
     finally:
         for m, fwd in swapped:
             m.forward = fwd
+
+
+def _samples(inputs, targets) -> int:
+    return inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim else 0
 
 
 def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None,
@@ -84,34 +91,21 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
             m.reset_running_stats()
             m.momentum = None  # cumulative average of the batch statistics
             m.train()
-        it = batches
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                it = tqdm(batches, desc="re-estimating BatchNorm statistics", leave=False)
-            except ImportError:
-                pass
+        loop = calibration_batches(batches, device, shard=False, max_batches=max_batches, bare_inputs=True,
+                                   move_targets=False, size=_samples, progress=progress,
+                                   desc="re-estimating BatchNorm statistics")
         with torch.no_grad(), _sync_bn_as_bn(layers):
-            for i, batch in enumerate(it):
-                if max_batches is not None and used >= max_batches:
-                    break
-                if isinstance(batch, (tuple, list)) and len(batch) == 2:
-                    inputs, _ = split_batch(batch, i)
-                else:
-                    inputs = batch if isinstance(batch, tuple) else (batch,)
-                inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-                n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim else 0
+            for batch in loop:
                 try:
-                    model(*inputs)
+                    model(*batch.inputs)
                 except ValueError as err:
                     if "Expected more than 1 value per channel" in str(err):
                         raise CalibrationError(
-                            f"batch {i} has one sample: BatchNorm re-estimation needs at least 2 per batch "
-                            "(use larger calibration batches, or pass reestimate_bn=False)") from err
+                            f"batch {batch.index} has one sample: BatchNorm re-estimation needs at least 2 per "
+                            "batch (use larger calibration batches, or pass reestimate_bn=False)") from err
                     raise
                 used += 1
-                samples += n
+                samples += batch.size
         if used == 0:
             raise CalibrationError("BatchNorm re-estimation got no batches: give (inputs, targets) batches, "
                                    "or pass reestimate_bn=False")

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from .errors import UsageError
 
 __all__ = ["OpRegistry", "NoRule"]
 
@@ -54,7 +55,7 @@ class OpRegistry:
             for op in ops:
                 table, key = self._table(op)
                 if not replace and key in table:
-                    raise ValueError(f"{self.name} already has a rule for {op!r}; pass replace=True to override")
+                    raise UsageError(f"{self.name} already has a rule for {op!r}; pass replace=True to override")
                 table[key] = fn
             return fn
 
@@ -89,6 +90,10 @@ class OpRegistry:
         if node.op == "call_method":
             return self._methods.get(node.target)
         return None
+
+    def method_rule(self, name: str) -> Callable | None:
+        """The rule registered under a tensor-method / op name, or None."""
+        return self._methods.get(name)
 
     def module_rule(self, cls: type) -> Callable | None:
         for base in cls.__mro__:

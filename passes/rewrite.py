@@ -3,41 +3,46 @@
 Given ``{group_id: channels to remove}``, the coupling result tells which
 position of every slot vanishes.  The rewrite then
 
-1. slices every parameter and buffer along every shrinking dim -- with
-   torch-pruning's per-layer functions for Conv, depthwise Conv, Linear and
-   BatchNorm, and ``index_select`` for everything else;
+1. slices every parameter and buffer along every shrinking dim with
+   ``index_select``; a Conv (plain or depthwise), Linear or BatchNorm has its
+   weight, bias and statistics sliced together (checked to agree) and its size
+   attributes updated;
 2. syncs module attributes to the new shapes (in/out channels, groups,
    num_features, num_groups, normalized_shape, embedding_dim, ...) and swaps
    ``nn.MultiheadAttention`` for ``SlimMultiheadAttention`` when heads or head
    dims shrink;
-3. rewrites graph constants that spell sizes: literal reshape/view/expand
-   sizes, ``split`` sections, ``F.layer_norm`` shapes, and the implicit SDPA
-   scale (kept at its original value);
+3. rewrites graph constants that spell sizes, where the coupling rules left a
+   hint in ``node.meta`` (keys in ``passes/meta.py``): literal
+   reshape/view/expand sizes, ``split`` sections, ``F.layer_norm`` shapes,
+   ``F.conv*`` groups, Swin attention widths, and the implicit SDPA scale
+   (kept at its original value);
 4. re-runs the new graph on the example inputs and checks every tensor's
    shape against the prediction.  A mismatch raises; a silently wrong model
    is never returned.
 
-The traced module is never modified: the rewrite works on a deep copy.
+The traced module is never modified: the rewrite works on a deep copy (which
+carries the nodes' meta, hints included).
 """
 from __future__ import annotations
 
 import copy
 import operator
 from collections import defaultdict
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
-import torch_pruning as tp
 
+from . import meta
 from .attention import SlimMultiheadAttention, slim_shifted_window_attention
 from .dependency import CouplingResult
+from .fxutil import owner_and_attr, tensor_paths
 from .inplace import inplace_adds
 from .modes import apply_modes
-from .coupling_rules import _tensor_paths as _tensor_paths_of
-from .trace import TracedGraph, _Recorder
+from .trace import Recorder, TracedGraph
+from .errors import UsageError
 
 __all__ = ["RewriteError", "validate_removal", "rewrite", "tensor_cuts"]
 
@@ -55,7 +60,7 @@ def validate_removal(result: CouplingResult, removal: Mapping, allow_empty: bool
             or a group emptied without ``allow_empty=True``.
     """
     if not isinstance(removal, Mapping):
-        raise ValueError(
+        raise UsageError(
             f"prune() expects a dict {{group_id: [channel indices]}}, got {type(removal).__name__}; "
             "see graph.groups for ids and sizes"
         )
@@ -63,51 +68,46 @@ def validate_removal(result: CouplingResult, removal: Mapping, allow_empty: bool
     out: dict[int, np.ndarray] = {}
     for gid, channels in removal.items():
         if isinstance(gid, bool) or not isinstance(gid, (int, np.integer)):
-            raise ValueError(f"group ids are ints (see graph.groups), got {gid!r}")
+            raise UsageError(f"group ids are ints (see graph.groups), got {gid!r}")
         g = by_id.get(int(gid))
         if g is None:
-            raise ValueError(f"no group with id {gid}: valid ids are 0..{len(result.groups) - 1} (see graph.groups)")
+            raise UsageError(f"no group with id {gid}: valid ids are 0..{len(result.groups) - 1} (see graph.groups)")
         if isinstance(channels, torch.Tensor):
             channels = channels.detach().cpu().tolist()
         elif isinstance(channels, np.ndarray):
             channels = channels.tolist()
         elif isinstance(channels, (int, np.integer)):
-            raise ValueError(f"group {gid}: give a list of channel indices, e.g. [{channels}], not a bare int")
+            raise UsageError(f"group {gid}: give a list of channel indices, e.g. [{channels}], not a bare int")
         idx = list(channels)
         if not idx:
             continue
         bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
         if bad:
-            raise ValueError(f"group {gid}: channel indices must be ints, got {bad[:5]}")
+            raise UsageError(f"group {gid}: channel indices must be ints, got {bad[:5]}")
         if not g.prunable:
-            raise ValueError(f"group {gid} ({g.label}) is frozen and cannot be pruned: {g.reason}")
+            raise UsageError(f"group {gid} ({g.label}) is frozen and cannot be pruned: {g.reason}")
         arr = np.asarray(idx, dtype=np.int64)
         out_of_range = arr[(arr < 0) | (arr >= g.size)]
         if out_of_range.size:
-            raise ValueError(
+            raise UsageError(
                 f"group {gid} ({g.label}) has {g.size} channels (valid indices 0..{g.size - 1}); "
                 f"got out-of-range indices {out_of_range[:10].tolist()}"
             )
         uniq, counts = np.unique(arr, return_counts=True)
         if (counts > 1).any():
-            raise ValueError(f"group {gid}: channel indices repeat: {uniq[counts > 1][:10].tolist()}")
+            raise UsageError(f"group {gid}: channel indices repeat: {uniq[counts > 1][:10].tolist()}")
         if uniq.size == g.size and not allow_empty:
-            raise ValueError(
+            raise UsageError(
                 f"group {gid} ({g.label}): removing all {g.size} channels would delete the layer; "
                 "keep at least one, or pass allow_empty=True"
             )
         out[int(gid)] = uniq
     if not out:
-        raise ValueError(
+        raise UsageError(
             "empty removal set: nothing to prune. Pass {group_id: [channel indices]} for at least one prunable "
             "group (see [g for g in graph.groups if g.prunable])"
         )
     return out
-
-
-def _get(module: nn.Module, qualname: str):
-    owner, _, attr = qualname.rpartition(".")
-    return module.get_submodule(owner), attr
 
 
 def _set_tensor(owner: nn.Module, attr: str, new: torch.Tensor, old: torch.Tensor) -> None:
@@ -159,102 +159,141 @@ def rewrite(traced: TracedGraph, result: CouplingResult, removal: Mapping, allow
             check: bool = True) -> torch.fx.GraphModule:
     """Return a new GraphModule with ``removal`` applied (see module docstring)."""
     cut = _Cut(result, removal, allow_empty)
-    req, c, removed, new_size = cut.req, cut.c, cut.removed, cut.new_size
-
     gm = copy.deepcopy(traced.gm)
-    modules = dict(gm.named_modules())
-
-    # -- 1. tensors: {qualname: {dim: removed indices}} ----------------------
-    cuts, virtual = cut.tensors()
-
-    done: set[str] = set()
-    mha_nodes = [n for n in gm.graph.nodes if c.node_notes.get(n.name, {}).get("replace") == "mha"]
-    mha_names = {n.target for n in mha_nodes}
-    for mname, m in list(modules.items()):
-        if mname in mha_names:
-            continue  # replaced below
-        prefix = f"{mname}." if mname else ""
-        w_cut = cuts.get(prefix + "weight", {})
-        b_cut = cuts.get(prefix + "bias", {})
-        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-            if m.groups == 1:
-                if 0 in w_cut:
-                    tp.prune_conv_out_channels(m, w_cut[0].tolist())
-                if 1 in w_cut:
-                    tp.prune_conv_in_channels(m, w_cut[1].tolist())
-            elif depthwise and 0 in w_cut:
-                tp.prune_depthwise_conv_out_channels(m, w_cut[0].tolist())
-            else:
-                continue  # grouped conv: generic slicing, attributes synced from shapes below
-            if m.bias is not None:
-                _check_same(b_cut.get(0), w_cut.get(0), prefix + "bias")
-            done.update({prefix + "weight", prefix + "bias"})
-        elif isinstance(m, nn.Linear):
-            if 0 in w_cut:
-                tp.prune_linear_out_channels(m, w_cut[0].tolist())
-            if 1 in w_cut:
-                tp.prune_linear_in_channels(m, w_cut[1].tolist())
-            if m.bias is not None:
-                _check_same(b_cut.get(0), w_cut.get(0), prefix + "bias")
-            done.update({prefix + "weight", prefix + "bias"})
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and (w_cut or cuts.get(prefix + "running_mean")):
-            r = (w_cut.get(0) if w_cut else cuts[prefix + "running_mean"][0])
-            for other in ("bias", "running_mean", "running_var"):
-                if getattr(m, other, None) is not None:
-                    _check_same(cuts.get(prefix + other, {}).get(0), r, prefix + other)
-            tp.prune_batchnorm_out_channels(m, r.tolist())
-            done.update({prefix + t for t in ("weight", "bias", "running_mean", "running_var")})
-
-    # generic slicing for every other tensor (attention, get_attr tensors, norms, embeddings...)
-    for qualname, dims in cuts.items():
-        if qualname in done:
-            continue
-        owner, attr = _get(gm, qualname)
-        t = getattr(owner, attr)
-        new = t.detach()
-        for d, r in sorted(dims.items()):
-            keep = np.setdiff1d(np.arange(new.shape[d]), r)
-            new = new.index_select(d, torch.as_tensor(keep, dtype=torch.long, device=new.device))
-        _set_tensor(owner, attr, new, t)
-
-    # -- 2. module attributes, and attention replacement -------------------
-    for node in mha_nodes:
-        _replace_mha(gm, node.target, virtual)
-    modules = dict(gm.named_modules())
-    pred = _Predictor(c, new_size)
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in mha_names:
-            _sync_attributes(modules[node.target], node, pred, virtual)
-
-    # -- 3. graph constants --------------------------------------------------
-    for node in gm.graph.nodes:
-        notes = c.node_notes.get(node.name, {})
-        if notes.get("reshape"):
-            _rewrite_sizes(node, pred)
-        if "split" in notes:
-            _rewrite_split(node, notes["split"], pred)
-        if "window_attention" in notes:
-            _rewrite_window_attention(node, notes["window_attention"], virtual)
-        if "conv_groups" in notes:
-            _set_arg(node, 6, "groups", virtual[notes["conv_groups"]])
-        if "layer_norm_shape" in notes:
-            k = notes["layer_norm_shape"]
-            x = pred.shape(node.args[0])
-            shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-            if not isinstance(shape, torch.fx.Node) and not _has_node(shape):
-                _set_arg(node, 1, "normalized_shape", list(x[len(x) - k :]))
-        if "sdpa_scale" in notes:
-            q = node.args[0] if node.args else node.kwargs["query"]
-            if pred.shape(q)[-1] != pred.orig(q)[-1]:
-                node.kwargs = {**node.kwargs, "scale": notes["sdpa_scale"]}
+    cuts, virtual = cut.tensors()  # {qualname: {dim: removed indices}}, {virtual slot: new size}
+    replaced = {n.target for n in gm.graph.nodes if n.meta.get(meta.REPLACE) == "mha"}
+    _slice_tensors(gm, cuts, skip=replaced)  # 1.
+    pred = _Predictor(cut.c, cut.new_size)
+    _sync_modules(gm, replaced, pred, virtual)  # 2.
+    _rewrite_constants(gm, pred, virtual)  # 3.
     gm.graph.lint()
     gm.recompile()
     inplace_adds(gm)  # tracing turned `out += x` into `out = out + x`; give eager its in-place add back
     _restore_state(gm, traced)
     if check:
-        verify_shapes(gm, traced, pred)
+        verify_shapes(gm, traced, pred)  # 4.
     return gm
+
+
+def _slice_tensors(gm: torch.fx.GraphModule, cuts: dict[str, dict[int, np.ndarray]], skip: set[str]) -> None:
+    """Step 1: slice every cut parameter and buffer (the modules in ``skip`` are replaced whole in step 2)."""
+    done = _slice_layers(dict(gm.named_modules()), cuts, skip)
+    # every other tensor (attention, get_attr tensors, norms, embeddings...)
+    for qualname, dims in cuts.items():
+        if qualname not in done:
+            _slice(*owner_and_attr(gm, qualname), dims)
+
+
+def _slice(owner: nn.Module, attr: str, dims: Mapping[int, np.ndarray]) -> None:
+    """Drop ``dims[d]`` (sorted indices) along each dim ``d`` of ``owner.attr``."""
+    t = getattr(owner, attr)
+    new = t.detach()
+    for d, r in sorted(dims.items()):
+        keep = np.setdiff1d(np.arange(new.shape[d]), r)
+        new = new.index_select(d, torch.as_tensor(keep, dtype=torch.long, device=new.device))
+    _set_tensor(owner, attr, new, t)
+
+
+def _slice_layers(modules: dict[str, nn.Module], cuts: dict[str, dict[int, np.ndarray]], skip: set[str]) -> set[str]:
+    """Conv (plain or depthwise), Linear and BatchNorm: slice the weight and its bias / statistics together
+    (checking the coupled slices agree) and update the size attributes the layer's forward reads.
+
+    Returns the tensors sliced.  A grouped conv is left to the generic slicing (its attributes are
+    synced from the predicted shapes in step 2).
+    """
+    done: set[str] = set()
+    for mname, m in list(modules.items()):
+        if mname in skip:
+            continue
+        prefix = f"{mname}." if mname else ""
+        w_cut = cuts.get(prefix + "weight", {})
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            if not _slice_conv(m, w_cut):
+                continue
+        elif isinstance(m, nn.Linear):
+            r_out, r_in = w_cut.get(0), w_cut.get(1)
+            m.out_features -= 0 if r_out is None else len(r_out)
+            m.in_features -= 0 if r_in is None else len(r_in)
+            _slice_weight_and_bias(m, w_cut)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and (w_cut or cuts.get(prefix + "running_mean")):
+            r = (w_cut.get(0) if w_cut else cuts[prefix + "running_mean"][0])
+            for other in ("bias", "running_mean", "running_var"):
+                if getattr(m, other, None) is not None:
+                    _check_same(cuts.get(prefix + other, {}).get(0), r, prefix + other)
+            m.num_features -= len(r)
+            for t in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(m, t, None) is not None:
+                    _slice(m, t, {0: r})
+            done.update({prefix + t for t in ("weight", "bias", "running_mean", "running_var")})
+            continue
+        else:
+            continue
+        if m.bias is not None:
+            _check_same(cuts.get(prefix + "bias", {}).get(0), w_cut.get(0), prefix + "bias")
+        done.update({prefix + "weight", prefix + "bias"})
+    return done
+
+
+def _slice_conv(m: nn.modules.conv._ConvNd, w_cut: dict[int, np.ndarray]) -> bool:
+    """A plain or depthwise conv: slice it and update its channel counts (and groups); False for a grouped conv."""
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    if m.groups == 1:
+        m.out_channels -= len(w_cut[0]) if 0 in w_cut else 0
+        m.in_channels -= len(w_cut[1]) if 1 in w_cut else 0
+    elif depthwise and 0 in w_cut:
+        n = len(w_cut[0])
+        m.out_channels, m.in_channels, m.groups = m.out_channels - n, m.in_channels - n, m.groups - n
+    else:
+        return False
+    _slice_weight_and_bias(m, w_cut)
+    return True
+
+
+def _slice_weight_and_bias(m: nn.Module, w_cut: dict[int, np.ndarray]) -> None:
+    """Weight rows and columns as cut; the bias with the weight's rows."""
+    if w_cut:
+        _slice(m, "weight", w_cut)
+    if 0 in w_cut and m.bias is not None:
+        _slice(m, "bias", {0: w_cut[0]})
+
+
+def _sync_modules(gm: torch.fx.GraphModule, replaced: set[str], pred: "_Predictor", virtual: dict[str, int]) -> None:
+    """Step 2: swap the attention modules in ``replaced`` and sync every other module's size attributes."""
+    for qualname in _in_graph_order(gm, replaced):
+        _replace_mha(gm, qualname, virtual)
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in replaced:
+            _sync_attributes(modules[node.target], node, pred, virtual)
+
+
+def _in_graph_order(gm: torch.fx.GraphModule, targets: set[str]) -> list[str]:
+    """The call_module nodes calling ``targets``, in graph order (one entry per call)."""
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in targets]
+
+
+def _rewrite_constants(gm: torch.fx.GraphModule, pred: "_Predictor", virtual: dict[str, int]) -> None:
+    """Step 3: the graph constants that spell sizes, where the coupling rules left a hint."""
+    for node in list(gm.graph.nodes):
+        hints = node.meta
+        if hints.get(meta.RESHAPE):
+            _rewrite_sizes(node, pred)
+        if meta.SPLIT in hints:
+            _rewrite_split(node, hints[meta.SPLIT], pred)
+        if meta.WINDOW_ATTENTION in hints:
+            _rewrite_window_attention(node, hints[meta.WINDOW_ATTENTION], virtual)
+        if meta.CONV_GROUPS in hints:
+            _set_arg(node, 6, "groups", virtual[hints[meta.CONV_GROUPS]])
+        if meta.LAYER_NORM_SHAPE in hints:
+            k = hints[meta.LAYER_NORM_SHAPE]
+            x = pred.shape(node.args[0])
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+            if not isinstance(shape, torch.fx.Node) and not _has_node(shape):
+                _set_arg(node, 1, "normalized_shape", list(x[len(x) - k :]))
+        if meta.SDPA_SCALE in hints:
+            q = node.args[0] if node.args else node.kwargs["query"]
+            if pred.shape(q)[-1] != pred.orig(q)[-1]:
+                node.kwargs = {**node.kwargs, "scale": hints[meta.SDPA_SCALE]}
 
 
 def _rewrite_window_attention(node: torch.fx.Node, note: dict, virtual: dict[str, int]) -> None:
@@ -269,8 +308,8 @@ def _rewrite_window_attention(node: torch.fx.Node, note: dict, virtual: dict[str
 def _restore_state(gm: torch.fx.GraphModule, traced: TracedGraph) -> None:
     """The slim module keeps the original's per-module train/eval flags and frozen parameters.
 
-    Slicing creates new ``nn.Parameter`` objects (torch-pruning's functions make
-    them trainable); ``requires_grad`` is copied back by qualified name.
+    Slicing creates new ``nn.Parameter`` objects; ``requires_grad`` is copied back
+    from the user's model by qualified name.
     """
     apply_modes(gm, traced.source_modes, traced.source_training)
     frozen = traced.source_requires_grad
@@ -301,7 +340,7 @@ class _Predictor:
     def shape(self, node, path=()) -> tuple[int, ...]:
         out = []
         for d in range(len(self.orig(node, path))):
-            sid = self.c._index.get(("value", node.name, tuple(path), d))
+            sid = self.c.slot_of(node.name, path, d)
             if sid is None:
                 raise RewriteError(f"no coupling slot for dim {d} of node '{node.name}'")
             out.append(self.new_size(sid))
@@ -311,7 +350,7 @@ class _Predictor:
         return self.new_size(sid) != self.c.size(sid)
 
     def orig(self, node, path=()) -> tuple[int, ...]:
-        spec = self.c.traced.node(node.name).meta["spec"]
+        spec = self.c.traced.node(node.name).meta[meta.SPEC]
         for p in path:
             spec = spec[p]
         return tuple(spec.shape)
@@ -442,7 +481,7 @@ def _is_stale(value: torch.fx.Node, pred: _Predictor) -> bool:
 
 
 def _rewrite_split(node: torch.fx.Node, dim: int, pred: _Predictor) -> None:
-    paths = _tensor_paths_of(pred.c.traced.node(node.name).meta["spec"])
+    paths = tensor_paths(pred.c.traced.node(node.name).meta[meta.SPEC])
     new = [pred.shape(node, p)[dim] for p in paths]
     old = [pred.orig(node, p)[dim] for p in paths]
     computed = _has_node((node.args[1:2], node.kwargs))  # sections read from a shape may be stale
@@ -460,7 +499,7 @@ def verify_shapes(gm: torch.fx.GraphModule, traced: TracedGraph, pred: _Predicto
         modes = {name: m.training for name, m in gm.named_modules()}
         gm.eval()
         try:
-            _Recorder(gm).run(*traced.example_inputs)
+            Recorder(gm).run(*traced.example_inputs)
         except Exception as err:  # noqa: BLE001
             raise RewriteError(f"the slimmed graph fails on the example inputs: {type(err).__name__}: {err}") from err
         finally:
@@ -469,8 +508,8 @@ def verify_shapes(gm: torch.fx.GraphModule, traced: TracedGraph, pred: _Predicto
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
-        spec = node.meta.get("spec")
-        for path in _tensor_paths_of(spec):
+        spec = node.meta.get(meta.SPEC)
+        for path in tensor_paths(spec):
             got = spec
             for p in path:
                 got = got[p]

@@ -16,13 +16,15 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import networkx as nx
 import torch
 import torch.fx
+from .errors import UsageError
+from .meta import BRANCH, SPEC
 
-__all__ = ["TensorSpec", "TracedGraph", "TraceFailure", "trace_module", "default_leaf_types"]
+__all__ = ["TensorSpec", "TracedGraph", "TraceFailure", "trace_module", "default_leaf_types", "LeafTracer", "Recorder"]
 
 
 class TraceFailure(RuntimeError):
@@ -108,7 +110,7 @@ def _is_norm_act(m: torch.nn.Module) -> bool:
         not isinstance(k, torch.nn.PReLU) for k in kids)
 
 
-class _LeafTracer(torch.fx.Tracer):
+class LeafTracer(torch.fx.Tracer):
     """fx tracer with torch.nn modules as leaves plus the user's choices.
 
     Subclasses of torch.nn modules that keep torch.nn's forward, and BatchNorm
@@ -148,7 +150,7 @@ class _LeafTracer(torch.fx.Tracer):
         if isinstance(value, torch.Tensor):
             # a decision on data (``if x.sum() > 0``) would be baked for every input: refuse, as fx does
             return super().to_bool(obj)
-        obj.node.meta["oba_fx.branch"] = True
+        obj.node.meta[BRANCH] = True
         self.branches.append(_caller_outside_torch())
         return bool(value)
 
@@ -258,12 +260,12 @@ def _spec_of(value: Any) -> Any:
     return type(value).__name__
 
 
-class _Recorder(torch.fx.Interpreter):
+class Recorder(torch.fx.Interpreter):
     """Runs the graph once and stores each node's value spec in ``node.meta['spec']``."""
 
     def run_node(self, n):
         result = super().run_node(n)
-        n.meta["spec"] = _spec_of(result)
+        n.meta[SPEC] = _spec_of(result)
         return result
 
 
@@ -332,7 +334,7 @@ def build_ir(gm: torch.fx.GraphModule) -> nx.DiGraph:
     modules = dict(gm.named_modules())
     g = nx.DiGraph()
     for n in gm.graph.nodes:
-        spec = n.meta.get("spec")
+        spec = n.meta.get(SPEC)
         module_type = type(modules[n.target]).__name__ if n.op == "call_module" else None
         dtype = spec.dtype if isinstance(spec, TensorSpec) else None
         g.add_node(
@@ -372,7 +374,7 @@ def trace_module(
     leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
     unknown = leaf_names - {name for name, _ in model.named_modules()}
     if unknown:
-        raise ValueError(f"leaf_modules names no submodule: {sorted(unknown)}; use names from model.named_modules()")
+        raise UsageError(f"leaf_modules names no submodule: {sorted(unknown)}; use names from model.named_modules()")
 
     _check_names(model)
     private = copy.deepcopy(model)
@@ -394,7 +396,7 @@ def trace_module(
     gm.eval()
     with torch.no_grad():
         try:
-            _Recorder(gm).run(*args)
+            Recorder(gm).run(*args)
         except Exception as err:  # noqa: BLE001
             raise TraceFailure(
                 f"the traced graph of {type(model).__name__} failed on the example inputs: "
@@ -428,7 +430,7 @@ def _check_names(model: torch.nn.Module) -> None:
 def _trace_or_explain(private, model, leaf_types, leaf_names, autowrap=(), retried=False, example=None):
     """Trace ``private`` in eval mode; on failure retry with timm's registered fx leaves, else explain."""
     private.eval()  # python branches on self.training follow the inference code (see _follow_training_flag)
-    tracer = _LeafTracer(leaf_types, leaf_names, autowrap, example)
+    tracer = LeafTracer(leaf_types, leaf_names, autowrap, example)
     try:
         concrete = _none_defaults(private, example)
         return _keep_arg_names(tracer.trace(private, concrete_args=concrete), concrete), tracer
@@ -510,7 +512,7 @@ def _follow_training_flag(graph, private, model, leaf_types, leaf_names, tracer)
     private.train()
     try:
         concrete = _none_defaults(private, tracer._example)
-        train_graph = _keep_arg_names(_LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap,
+        train_graph = _keep_arg_names(LeafTracer(leaf_types, leaf_names, tracer._oba_autowrap,
                                                   tracer._example).trace(private, concrete_args=concrete), concrete)
     except Exception:  # noqa: BLE001 - a model that cannot trace in train mode keeps its eval graph
         train_graph = None

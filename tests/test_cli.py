@@ -187,6 +187,7 @@ def test_inspect_and_blocks(trained, tmp_path, capsys):
     assert blocks  # classification was written
 
 
+@pytest.mark.onnx
 def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
     out = tmp_path / "c"
     assert run_cli("compress", trained, "--data", fmnist_dir, "--target-flops", 0.5, "--criterion", "oba",
@@ -228,6 +229,7 @@ def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
     assert "PyTorch guidance, model at batch 2: " in capsys.readouterr().out
 
 
+@pytest.mark.onnx
 def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_path):
     out = tmp_path / "c"
     # both on by default
@@ -246,6 +248,7 @@ def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_pa
     assert set(rep["step_reports"][0]["post_rewrite"]) == {"loss_after_rewrite"}
 
 
+@pytest.mark.onnx
 def test_demo_smoke(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert run_cli("demo", "--smoke", "--data", fmnist_dir, "--out", out, "--epochs", 1, "--finetune-epochs", 1,
@@ -261,6 +264,7 @@ def test_demo_smoke(fmnist_dir, tmp_path, capsys):
         assert (out / f).exists(), f
 
 
+@pytest.mark.onnx
 def test_demo_smoke_latency_goal(fmnist_dir, tmp_path, capsys, monkeypatch):
     """The demo's default kind of goal, a fraction of the PyTorch latency (--smoke alone prunes to 40% FLOPs):
     the latency table is measured for real (here at batch 16, into a fresh cache), the result is re-measured, and
@@ -325,6 +329,7 @@ def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.onnx
 def test_torchrun_compress_matches_single_process(trained, fmnist_dir, tmp_path):
     """`torchrun --nproc-per-node 2 -m oba_fx compress ...` (gloo): same pruning decision, rank 0 writes."""
     common = ["compress", trained, "--data", fmnist_dir, "--target-flops", "0.5", "--criterion", "oba",

@@ -45,6 +45,7 @@ ROUTES = [
 ]
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("name,steps,scope,criterion", ROUTES)
 def test_every_route_lands_on_target(name, steps, scope, criterion, tmp_path):
     model, shape = _build(name)
@@ -247,7 +248,7 @@ def test_bad_input_is_clear_and_model_unchanged():
 # --- landing on the target when one ranked unit is coarse ------------------------------------------------------
 
 def _fill(order, unit_cost, base, goal_frac, tol_frac=0.005):
-    fill = importlib.import_module("oba_fx.compress")._fill_to_goal
+    fill = importlib.import_module("oba_fx.selection").fill_to_goal
 
     def cost_of(units):
         return base - sum(unit_cost[u[0]] for u in units)
@@ -286,7 +287,7 @@ def test_fill_never_exceeds_the_goal_and_is_exact_when_units_are_fine():
         order = [(i, 0) for i in torch.randperm(n, generator=g).tolist()]
         base = sum(costs.values()) + 1.0
         goal = float(torch.rand(1, generator=g)) * 0.8 + 0.1
-        fill = importlib.import_module("oba_fx.compress")._fill_to_goal
+        fill = importlib.import_module("oba_fx.selection").fill_to_goal
         units, _, _ = fill(order, lambda us: base - sum(costs[u[0]] for u in us), goal * base, tol=0.0,
                            on_unreachable=lambda c: ValueError(c))
         assert base - sum(costs[u[0]] for u in units) <= goal * base + 1e-9

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import oba_fx
 import oba_fx.scoring as S
 import oba_fx.passes.curvature as C
+import oba_fx.passes.neg_theta as NT
 from dense_reference import Flat, dense
 from tiny_models import TINY, make
 
@@ -65,13 +66,13 @@ MODELS = _models()
 
 def _spy(monkeypatch):
     hits = []
-    orig = C._NegThetaMode.__exit__
+    orig = NT.NegThetaMode.__exit__
 
     def spy(self, *a):
         hits.append(self.marginal_hits)
         return orig(self, *a)
 
-    monkeypatch.setattr(C._NegThetaMode, "__exit__", spy)
+    monkeypatch.setattr(NT.NegThetaMode, "__exit__", spy)
     return hits
 
 
@@ -84,9 +85,8 @@ def test_marginal_group_scores_equal_the_per_parameter_route(name, criterion, mo
     hits = _spy(monkeypatch)
     fast = oba_fx.group_scores(graph, cal, criterion, progress=False)
     assert hits and min(hits) > 0, "the marginal route was not taken"
-    monkeypatch.setattr(S, "GROUP_MARGINALS", False)
     hits.clear()
-    plain = oba_fx.group_scores(graph, cal, criterion, progress=False)
+    plain = oba_fx.group_scores(graph, cal, criterion, progress=False, marginals=False)
     assert hits and max(hits) == 0
     assert fast.keys() == plain.keys()
     # relative to the largest score of any group (ReLU networks' Fδ is round-off, about 1e-19, on both routes)
@@ -99,7 +99,7 @@ def test_marginal_group_scores_equal_the_per_parameter_route(name, criterion, mo
 def test_marginal_group_scores_match_the_dense_hessian(chunk, monkeypatch):
     """Channel scores Σ_slices (g δ + ½ δ (Hδ)) with g, H from a dense float64 Hessian (also with the row and
     column sums taken in chunks of a few elements, as large activations are)."""
-    monkeypatch.setattr(C, "_DOT_CHUNK", chunk)
+    monkeypatch.setattr(NT, "_DOT_CHUNK", chunk)
     model, cal = MODELS["grouped"]
     graph = oba_fx.trace(model, cal[0][0])
     fast = oba_fx.group_scores(graph, cal, "oba", progress=False)
@@ -122,14 +122,14 @@ def test_in_place_op_on_a_kept_output_is_recomputed(monkeypatch):
     model, cal = MODELS["grouped"]
     graph = oba_fx.trace(model, cal[0][0])
     seen = []
-    orig = C._MarginalLayer.backward
+    orig = NT._MarginalLayer.backward
 
     def spy(ctx, g):
         (y, yt), versions = ctx.meta[0].kept[ctx.slot]
         seen.append(y._version != versions[0])
         return orig(ctx, g)
 
-    monkeypatch.setattr(C._MarginalLayer, "backward", staticmethod(spy))
+    monkeypatch.setattr(NT._MarginalLayer, "backward", staticmethod(spy))
     oba_fx.group_scores(graph, cal, "oba", progress=False)
     assert any(seen), "no kept output was modified in place: the recompute branch is untested"
 

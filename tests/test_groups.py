@@ -337,3 +337,30 @@ def test_ir_and_user_model_untouched():
     slim = graph.prune(random_removal(graph, 0.3))
     assert slim.training  # the slim model comes back in the user's mode
     assert "Graph(" in repr(graph) and "prunable" in graph.summary()
+
+
+# ---------------------------------------------------------------------------
+# Group.key: a group's identity across re-traces (compress reports use it as dict keys)
+
+@pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("mobilenet_v2", {}), ("swin_t", {}),
+                                         ("vit_b_16", {"image_size": 64})])
+def test_group_key_is_the_label_prefix(name, kwargs):
+    """``key`` is built from the defining slot, and equals what the label spelled before it existed."""
+    import collections
+
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(**kwargs).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = oba_fx.trace(model, torch.randn(1, 3, 64, 64))
+    for g in graph.groups:
+        assert g.key == g.label.split(" (")[0], g
+        assert g.label.startswith(g.key)
+    counts = collections.Counter(g.key for g in graph.prunable_groups)
+    repeated = {k for k, n in counts.items() if n > 1}
+    if name in ("resnet18", "mobilenet_v2"):
+        assert not repeated
+    else:  # an attention projection's heads, q/k and v head widths share their packed q/k/v weight's key
+        assert repeated and all("qkv" in k or "in_proj" in k for k in repeated), repeated

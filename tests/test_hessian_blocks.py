@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import oba_fx
 from helpers import randomize_norms
+from oba_fx.passes.block_rules import BLOCK_RULES, INPUTS, gelu_rule
 from oba_fx.passes.hessian_blocks import HessianBlocks, check_blocks, hessian_blocks
 from oba_fx.passes.trace import trace_module
 
@@ -191,10 +192,10 @@ MODELS = {
 }
 
 
-def make(name: str, seed: int = 0):
+def make(name: str, seed: int = 0, models=MODELS):
     """(float64 eval model, calibration: 2 batches of (x, integer class y))."""
     torch.manual_seed(seed)
-    ctor, shape = MODELS[name]
+    ctor, shape = models[name]
     model = randomize_norms(ctor(), seed).double().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     cal = [
@@ -456,3 +457,58 @@ def test_prediction_matches_production_engine(name):
             assert v < ZERO_TOL, (l, m, v)
         else:
             assert v > NONZERO_TOL, (l, m, v)
+
+
+# ---------------------------------------------------------------------------
+# extending the analysis: a rule registered through the public registry
+
+
+@torch.fx.wrap
+def gated(a, b):
+    """An op the analysis has no rule for: bilinear in (a, b), linear in a and in b separately."""
+    return a * b + 2.0 * a
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(gated(self.a(x), self.b(x)))
+
+
+def test_gelu_rule_is_registered_like_a_user_rule():
+    assert nn.GELU in BLOCK_RULES and "gelu" in BLOCK_RULES
+    assert BLOCK_RULES.module_rule(nn.GELU) is gelu_rule
+    assert BLOCK_RULES.module_rule(type("MyGELU", (nn.GELU,), {})) is gelu_rule  # subclasses too
+
+
+def test_registered_rule_changes_the_analysis():
+    """Without a rule ``gated`` is conservatively smooth; a registered product rule gives the exact pattern."""
+    model, cal = make("gated", models={"gated": (Gated, (6,))})
+    traced = trace_module(model, cal[0][0])
+    before = hessian_blocks(traced)
+    unknown = f"unknown op {__name__}.gated (conservative)"
+    assert before.reason("a", "a") == before.reason("b", "b") == before.reason("a", "b") == unknown
+    assert any("gated" in w for w in before.warnings)
+
+    @BLOCK_RULES.register(gated)
+    def gated_rule(ctx, node):
+        a, b = node.args
+        ctx.product(node, a, b)  # both operands depend on the input: "parallel"
+        return INPUTS
+
+    try:
+        after = hessian_blocks(traced)
+    finally:
+        assert BLOCK_RULES.unregister(gated) is gated_rule
+    assert after.reason("a", "b") == "parallel"
+    assert after.zero("a", "a") and after.zero("b", "b") and after.zero("out", "out")
+    assert after.reason("a", "out") == after.reason("b", "out") == "series"
+    assert not after.warnings
+    norms = check_blocks(after, model, cal, ref_fvp, probes=2, seed=0)  # against the dense F·v
+    for (l, m), v in norms.items():
+        assert (v < ZERO_TOL) if after.zero(l, m) else (v > NONZERO_TOL), (l, m, v)
+    assert hessian_blocks(traced).reason("a", "b") == unknown  # unregistered: back to the conservative answer

@@ -8,9 +8,8 @@ import torch
 
 import oba_fx
 from dense_reference import dense
-from oba_fx.compress import _group_key
 from oba_fx.joint import JointModel, select
-from oba_fx.scoring import _group_exact_parts
+from oba_fx.scoring import group_exact_parts
 from tiny_models import make
 
 
@@ -63,7 +62,7 @@ def test_marginal_costs_match_brute_force(name):
     model, cal = make(name)
     graph = oba_fx.trace(model, cal[0][0])
     q = Quadratic(graph, cal)
-    _, self_terms, _ = _group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
+    _, self_terms, _ = group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
     every = [(g.id, c) for g in graph.prunable_groups for c in range(g.size)]
     gen = torch.Generator().manual_seed(3)
     P = {every[i] for i in torch.randperm(len(every), generator=gen)[: len(every) // 2].tolist()}
@@ -97,12 +96,12 @@ def test_empty_and_full_removal_sets():
     model, cal = make("cnn_bn")
     graph = oba_fx.trace(model, cal[0][0])
     q = Quadratic(graph, cal)
-    _, self_terms, _ = _group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
+    _, self_terms, _ = group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
     jm = JointModel(graph, cal, self_terms)
     empty = jm.at({})
     assert empty.predicted == 0.0
     # at P = ∅ adding c costs exactly group-exact's score of c alone
-    first, _, _ = _group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
+    first, _, _ = group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
     for g in graph.prunable_groups:
         assert torch.allclose(empty.value[g.id], first[g.id] + 0.5 * self_terms[g.id], rtol=1e-9, atol=1e-13)
     every = {(g.id, c) for g in graph.prunable_groups for c in range(g.size)}
@@ -113,7 +112,7 @@ def test_selection_improves_its_start_and_reports_exact_predictions():
     model, cal = make("relu_mlp")
     graph = oba_fx.trace(model, cal[0][0])
     q = Quadratic(graph, cal)
-    _, self_terms, _ = _group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
+    _, self_terms, _ = group_exact_parts(graph, cal, None, "vmap", 0, 0, False)
     every = [(g.id, c) for g in graph.prunable_groups for c in range(g.size)]
     k = 6
 
@@ -159,7 +158,7 @@ def test_compress_oba_joint_meets_target_and_predicts_its_removal():
     # the reported prediction is the quadratic model of the removal that was made
     graph = oba_fx.trace(model, example)
     q = Quadratic(graph, cal)
-    keys = {_group_key(g): g.id for g in graph.prunable_groups}
+    keys = {g.key: g.id for g in graph.prunable_groups}
     units = {(keys[k], c) for k, cs in step["removed_channels"].items() for c in cs}
     assert step["predicted_delta_loss"] == pytest.approx(q(units), rel=1e-8, abs=1e-12)
     # the measured change is the rewrite's, by a hand evaluation

@@ -114,7 +114,7 @@ def test_target_latency_lands_within_tolerance_and_reports(fake_timer, target):
 
 
 def test_units_ranked_by_importance_per_millisecond():
-    from oba_fx.compress import _blocked_order
+    from oba_fx.selection import blocked_order as _blocked_order
 
     imp = {0: torch.tensor([4.0, 1.0]), 1: torch.tensor([1.0, 3.0]), 2: torch.tensor([0.5])}
     ms = {0: 1.0, 1: 4.0, 2: 0.0}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import doctest
 
+import pytest
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,7 @@ def test_doctest():
     assert doctest.testmod(oba_fx.passes.modes).failed == 0
 
 
+@pytest.mark.onnx
 def test_scoring_evaluation_export_keep_each_modules_flag(tmp_path):
     net = _partly_frozen()
     want = _flags(net)

@@ -16,6 +16,8 @@ import torch
 import models_zoo
 import oba_fx
 
+pytestmark = pytest.mark.onnx  # every test here exports to ONNX and runs onnxruntime
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 

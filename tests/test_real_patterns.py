@@ -575,6 +575,7 @@ class _DefaultArgs(nn.Module):
         return self.head(self.proj(y.transpose(1, 2).reshape(B, N, C)).mean(1) * scale)
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_forward_arguments_left_at_constant_defaults_are_traced_at_them(tmp_path, dynamo):
     """A bool default reaching SDPA's is_causal used to stay a placeholder: the slim model then failed the

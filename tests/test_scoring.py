@@ -231,26 +231,24 @@ def test_bad_input_is_clear_and_model_unchanged():
 @pytest.mark.parametrize("name", TINY)
 def test_neg_theta_fast_path_is_exact(name, monkeypatch):
     """The δ = −θ shortcut for linear/conv layers gives the ordinary forward-AD results, and is really used."""
-    import oba_fx.passes.curvature as C
+    import oba_fx.passes.neg_theta as C
 
     model, cal = make(name)
     hits = []
-    orig = C._NegThetaMode.__exit__
+    orig = C.NegThetaMode.__exit__
 
     def spy(self, *a):
         hits.append(self.hits)
         return orig(self, *a)
 
-    monkeypatch.setattr(C._NegThetaMode, "__exit__", spy)
+    monkeypatch.setattr(C.NegThetaMode, "__exit__", spy)
     fast = curvature(model, cal, want=("g", "H", "G", "F"), progress=False)
     assert hits and min(hits) > 0
-    monkeypatch.setattr(C, "FAST_NEG_THETA", False)
-    plain = curvature(model, cal, want=("g", "H", "G", "F"), progress=False)
+    plain = curvature(model, cal, want=("g", "H", "G", "F"), progress=False, shortcuts=False)
     for q in "gHGF":
         for n in plain.names:
             assert rel(getattr(fast, q)[n], getattr(plain, q)[n]) <= 1e-12, (q, n)
     # any other direction takes the ordinary path (the shortcut's condition is checked, not assumed)
-    monkeypatch.setattr(C, "FAST_NEG_THETA", True)
     hits.clear()
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     curvature(model, cal, want=("H",), direction=v, progress=False)
@@ -286,7 +284,7 @@ def test_batch_norm_shortcut_matches_the_dense_hessian(monkeypatch):
     """Eval-mode BN under δ = −θ (``_NegThetaBatchNorm``): ẏ = aẋ − y and its per-channel backward products give
     the dense Hessian's Hδ with random running statistics, BatchNorm1d/2d and a weight-only F.batch_norm; a BN
     whose weight is frozen (not scored) keeps the ordinary path, and the result is the same either way."""
-    import oba_fx.passes.curvature as C
+    import oba_fx.passes.neg_theta as C
     from helpers import randomize_norms
 
     torch.manual_seed(3)
@@ -310,8 +308,7 @@ def test_batch_norm_shortcut_matches_the_dense_hessian(monkeypatch):
     for n in names:
         assert rel(r.H[n], want_h[n]) <= 1e-8, n
         assert rel(r.g[n], want_g[n]) <= 1e-8, n
-    monkeypatch.setattr(C, "FAST_NEG_THETA", False)
-    plain = curvature(model, cal, want=("g", "H"), progress=False)
+    plain = curvature(model, cal, want=("g", "H"), progress=False, shortcuts=False)
     for n in names:
         assert rel(r.H[n], plain.H[n]) <= 1e-12 and rel(r.g[n], plain.g[n]) <= 1e-12, n
 
@@ -341,7 +338,7 @@ def test_gelu_shortcut_matches_the_dense_hessian(monkeypatch, direction):
     """``_DualGelu`` (ẏ = f'ẋ; backward tangent ġf' + gẋf'') gives the dense Hessian's Hδ and the network part
     (H − G)δ for both GELU forms and any direction; a GELU whose input carries no tangent keeps the ordinary
     path, and the result equals the ordinary forward-over-reverse one."""
-    import oba_fx.passes.curvature as C
+    import oba_fx.passes.neg_theta as C
 
     torch.manual_seed(5)
     model = _GeluZoo().double().eval()
@@ -368,7 +365,6 @@ def test_gelu_shortcut_matches_the_dense_hessian(monkeypatch, direction):
         assert rel(r.H[n], want_h[n]) <= 1e-8, n
         assert (r.F[n] - want_f[n]).abs().max() <= 1e-8 * f_scale, n
         assert rel(r.g[n], fl.unflat(g)[n]) <= 1e-8, n
-    monkeypatch.setattr(C, "FAST_NEG_THETA", False)
-    plain = curvature(model, cal, want=("g", "H", "F"), direction=v, progress=False)
+    plain = curvature(model, cal, want=("g", "H", "F"), direction=v, progress=False, shortcuts=False)
     for n in names:
         assert rel(r.H[n], plain.H[n]) <= 1e-12 and rel(r.F[n], plain.F[n]) <= 1e-12, n

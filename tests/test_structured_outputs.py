@@ -225,6 +225,7 @@ def _ort_outputs(path, x):
     return [o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_onnx_export_names_structured_outputs(tmp_path, dynamo):
     torch.manual_seed(0)
@@ -245,6 +246,7 @@ def test_onnx_export_names_structured_outputs(tmp_path, dynamo):
     assert not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.onnx
 def test_onnx_export_torchvision_segmentation(tmp_path):
     import torchvision
 

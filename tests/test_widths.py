@@ -161,6 +161,7 @@ def test_compress_default_is_the_backend_multiple_and_none_allows_any_width():
         oba_fx.compress(net, x, _data(), target_flops=0.5, backend="tpu", progress=False)
 
 
+@pytest.mark.onnx
 def test_cli_round_to_and_backend_arguments():
     p = build_parser()
     a = p.parse_args(["compress", "ck.pt", "--out", "o"])
@@ -196,7 +197,7 @@ class _TwoWide(nn.Module):
 
 
 def test_rounding_yields_to_the_target_by_hand_count():
-    from oba_fx.compress import ROUNDING_SLACK
+    from oba_fx.selection import ROUNDING_SLACK
 
     torch.manual_seed(0)
     net = _TwoWide().eval()
