@@ -14,6 +14,7 @@ SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "cost.py --interleaved", "sp
            "latency_target.py", "eager_breakdown.py", "pytorch_modes.py"]  # fidelity --oneshot: see below
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke(script, tmp_path):
     _smoke(script.split(), tmp_path)
@@ -33,6 +34,7 @@ def _smoke(args, tmp_path):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_fidelity_oneshot_smoke_in_one_process_and_per_seed_processes(tmp_path):
     """``--jobs 2`` runs the seeds in two worker processes and gives the rows one process gives, in order."""
     rows, workers = [], []

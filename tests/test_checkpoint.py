@@ -125,6 +125,7 @@ def recomputes(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["oba", "oba-network", "oba-gn", "taylor", "obd"])
 def test_scores_and_compress_unchanged(criterion, recomputes):
     torch.manual_seed(0)

@@ -187,6 +187,7 @@ def test_inspect_and_blocks(trained, tmp_path, capsys):
     assert blocks  # classification was written
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
     out = tmp_path / "c"
@@ -229,6 +230,7 @@ def test_compress_eval_export_bench(trained, fmnist_dir, tmp_path, capsys):
     assert "PyTorch guidance, model at batch 2: " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_path):
     out = tmp_path / "c"
@@ -248,6 +250,7 @@ def test_compress_compensate_and_reestimate_bn_flags(trained, fmnist_dir, tmp_pa
     assert set(rep["step_reports"][0]["post_rewrite"]) == {"loss_after_rewrite"}
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 def test_demo_smoke(fmnist_dir, tmp_path, capsys):
     out = tmp_path / "demo"
@@ -264,6 +267,7 @@ def test_demo_smoke(fmnist_dir, tmp_path, capsys):
         assert (out / f).exists(), f
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 def test_demo_smoke_latency_goal(fmnist_dir, tmp_path, capsys, monkeypatch):
     """The demo's default kind of goal, a fraction of the PyTorch latency (--smoke alone prunes to 40% FLOPs):
@@ -299,6 +303,7 @@ def _cli_subprocess(*argv, env=None):
                           cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing-dataset", "unknown-model", "corrupt-checkpoint", "target-out-of-range",
                                   "missing-checkpoint", "bad-micro-batch"])
 def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
@@ -329,6 +334,7 @@ def test_user_errors_are_one_line(case, trained, fmnist_dir, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 def test_torchrun_compress_matches_single_process(trained, fmnist_dir, tmp_path):
     """`torchrun --nproc-per-node 2 -m oba_fx compress ...` (gloo): same pruning decision, rank 0 writes."""

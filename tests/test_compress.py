@@ -45,6 +45,7 @@ ROUTES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 @pytest.mark.parametrize("name,steps,scope,criterion", ROUTES)
 def test_every_route_lands_on_target(name, steps, scope, criterion, tmp_path):
@@ -73,6 +74,7 @@ def test_every_route_lands_on_target(name, steps, scope, criterion, tmp_path):
     assert onnx_path.exists()
 
 
+@pytest.mark.slow
 def test_report_contents():
     model, shape = _build("resnet32")
     cal = _data(shape)
@@ -167,6 +169,7 @@ def test_finetune_learns_and_distills():
     assert len(hist["loss"]) == 2 and not student.training
 
 
+@pytest.mark.slow
 def test_load_without_the_model_class(tmp_path):
     src = tmp_path / "mymodels.py"
     src.write_text(textwrap.dedent("""
@@ -212,6 +215,7 @@ def test_load_without_the_model_class(tmp_path):
         oba_fx.load(tmp_path / "other.pt")
 
 
+@pytest.mark.slow
 def test_bad_input_is_clear_and_model_unchanged():
     model, shape = _build("resnet32")
     snap = state_snapshot(model)

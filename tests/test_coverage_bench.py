@@ -34,6 +34,7 @@ def _one_line(text):
     return isinstance(text, str) and text.strip() and "\n" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.onnx
 def test_smoke_sweep_records_every_stage_and_survives_a_crash(tmp_path):
     """Two workers at once: squeezenet1_1 with oba passes every stage with every field filled; the magnitude

@@ -83,6 +83,7 @@ def _reference_loss(det, backbone, images, targets):
     return float(sum({**rpn_losses, **roi_losses}.values()))
 
 
+@pytest.mark.slow
 def test_backbone_flops_meet_the_target_by_an_independent_count(setup):
     det, images, _, _, _, res = setup
     x = det.transform(images)[0].tensors

@@ -67,6 +67,7 @@ def _close(a, b, what):
     assert err <= 1e-10, f"{what}: relative difference {err:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_reproduce_single_process(tmp_path):
     world = 2

@@ -95,6 +95,7 @@ def test_marginal_group_scores_equal_the_per_parameter_route(name, criterion, mo
         assert float((fast[gid] - plain[gid]).abs().max()) <= 1e-12 * scale, (gid, fast[gid], plain[gid])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1 << 18, 5])
 def test_marginal_group_scores_match_the_dense_hessian(chunk, monkeypatch):
     """Channel scores Σ_slices (g δ + ½ δ (Hδ)) with g, H from a dense float64 Hessian (also with the row and

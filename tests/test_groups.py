@@ -27,6 +27,7 @@ def _exact(graph, removal, x, tol=1e-5):
 # ---------------------------------------------------------------------------
 # torch-pruning's DependencyGraph as a cross-check
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "vit_b_16"])
 def test_groups_agree_with_depgraph(name):
     """Our prunable groups equal DepGraph's, as sets of (layer, in/out/norm, size).
@@ -342,6 +343,7 @@ def test_ir_and_user_model_untouched():
 # ---------------------------------------------------------------------------
 # Group.key: a group's identity across re-traces (compress reports use it as dict keys)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("mobilenet_v2", {}), ("swin_t", {}),
                                          ("vit_b_16", {"image_size": 64})])
 def test_group_key_is_the_label_prefix(name, kwargs):

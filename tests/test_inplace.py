@@ -1,6 +1,7 @@
 """The rewrite gives back the in-place residual adds that fx tracing drops, only where nothing can change."""
 from __future__ import annotations
 
+import pytest
 import copy
 import operator
 import warnings
@@ -29,6 +30,7 @@ def _compress(model, x):
                                progress=False, compensate=False, reestimate_bn=False).model
 
 
+@pytest.mark.slow
 def test_resnet_blocks_add_in_place_with_the_same_values_and_gradients():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
@@ -56,6 +58,7 @@ def test_resnet_blocks_add_in_place_with_the_same_values_and_gradients():
         assert again(x).shape == (4, 10)
 
 
+@pytest.mark.slow
 def test_slim_resnet_compiles_as_one_graph():
     """Under torch.compile the in-place helpers are plain ops: no graph break per block (reading ``grad_fn``
     broke the graph at every add, and recompiling ``add_into`` per shape ran the slim model slower compiled than

@@ -1,6 +1,7 @@
 """The package layout: what is installed, and files saved by older releases still load."""
 from __future__ import annotations
 
+import pytest
 import importlib.metadata
 import subprocess
 import sys
@@ -20,6 +21,7 @@ def test_no_generic_top_level_name_is_installed():
     assert oba_fx.passes.trace.__name__ == "oba_fx.passes.trace"
 
 
+@pytest.mark.slow
 def test_a_file_saved_by_0_1_loads_and_computes_the_same(tmp_path):
     """tests/data/legacy_slim_ee14332.pt was saved at commit ee14332, when the passes were the top-level
     package ``passes``: a slim GraphModule with the in-place helpers and a SlimMultiheadAttention. It runs in a
@@ -41,6 +43,7 @@ print('ok')
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_legacy_alias_leaves_a_users_own_passes_module_alone(tmp_path):
     (tmp_path / "passes.py").write_text("MINE = True\n")
     code = f"""

@@ -40,6 +40,7 @@ def _ort_ops(path, tmp_path, tag) -> collections.Counter:
     return _ops(so.optimized_model_filepath)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_slim_onnx_has_the_original_ops_and_fusions(name, tmp_path):
     spec = CASES[name]

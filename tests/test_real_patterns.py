@@ -229,6 +229,7 @@ class MHANet(nn.Module):
         return self.head(x.mean(1))
 
 
+@pytest.mark.slow
 def test_slim_attention_traces_and_prunes_again():
     torch.manual_seed(0)
     model = MHANet().eval()
@@ -359,6 +360,7 @@ def _attention_and_mlp_groups(graph, qkv_key, mlp_key):
     return heads, mlp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["swin", "swin_v2", "maxvit"])
 def test_swin_and_maxvit_heads_and_mlp_prune(which):
     model = tiny_maxvit() if which == "maxvit" else tiny_swin(which == "swin_v2")

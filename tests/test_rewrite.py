@@ -30,6 +30,7 @@ def build(name: str):
     return model.eval(), torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ZOO) + TORCHVISION)
 def test_every_prunable_group_prunes(name):
     model, x = build(name)
@@ -55,6 +56,7 @@ def test_every_prunable_group_prunes(name):
     assert same_state(model, snap), "the user's model changed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet32", "vgg19_bn", "resnet18", "mobilenet_v2", "densenet121"])
 def test_rewrite_is_exact(name):
     """Slimmed output == original with the removed channels' consumer weights zeroed."""

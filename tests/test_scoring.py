@@ -36,6 +36,7 @@ def third_order_reference(model, calibration, delta_flat, fl):
     return (8 * (hd(h) - hd(-h)) - (hd(2 * h) - hd(-2 * h))) / (12 * h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_products_match_dense_hessian(name):
     model, cal = make(name)
@@ -104,6 +105,7 @@ def _channel_directions(graph, fl):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cnn_bn", "residual_cnn", "attention", "gelu_mlp"])
 def test_group_exact_matches_dense(name):
     model, cal = make(name)
