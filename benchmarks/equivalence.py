@@ -13,6 +13,7 @@ random weights and calibration data, it records:
 
     python benchmarks/equivalence.py --out FILE [--models NAME ...]       # record
     python benchmarks/equivalence.py --compare OLD NEW [--rtol 1e-12] [--subset]  # exit 1 on any difference
+    python benchmarks/equivalence.py --smoke      # resnet20 twice into a temporary folder: must compare equal
 
 Scores compare by max |a - b| / max |a| per array (``--rtol``, default 1e-12); groups, block texts, widths and
 FLOPs compare exactly. A key present in one file and missing in the other is a difference.
@@ -25,11 +26,8 @@ import sys
 import warnings
 
 import torch
-import torch.nn as nn
 
-from common import ROOT, machine
-
-sys.path.insert(0, str(ROOT.parent / "tests"))
+from common import machine
 
 import oba_fx  # noqa: E402
 from oba_fx.io import write_json  # noqa: E402
@@ -54,16 +52,6 @@ def _timm(name, size=32, **kw):
     import timm
 
     return lambda: (timm.create_model(name, pretrained=False, num_classes=10, **kw), (3, size, size))
-
-
-def _tiny(name):
-    import tiny_models
-
-    def build():
-        m = getattr(tiny_models, name)()
-        return m, tuple(getattr(m, "INPUT_SHAPE", (3, 8, 8)))
-
-    return build
 
 
 MODELS = {
@@ -200,7 +188,15 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
     p.add_argument("--rtol", type=float, default=1e-12)
     p.add_argument("--subset", action="store_true", help="compare only the models NEW recorded")
+    p.add_argument("--smoke", action="store_true", help="record resnet20 twice (temporary files) and compare")
     a = p.parse_args(argv)
+    if a.smoke:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            record(["resnet20"], f"{tmp}/a.json")
+            record(["resnet20"], f"{tmp}/b.json")
+            return compare(f"{tmp}/a.json", f"{tmp}/b.json", a.rtol)
     if a.compare:
         return compare(*a.compare, a.rtol, a.subset)
     if not a.out:

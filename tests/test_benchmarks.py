@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["fidelity.py", "accuracy.py", "cost.py", "cost.py --interleaved", "speedup.py", "widths.py",
-           "latency_target.py", "eager_breakdown.py", "pytorch_modes.py"]  # fidelity --oneshot: see below
+           "latency_target.py", "eager_breakdown.py", "pytorch_modes.py", "equivalence.py"]  # fidelity --oneshot: see below
 
 
 @pytest.mark.slow
