@@ -271,17 +271,20 @@ class CompressSettings:
 
 
 def run_compress(checkpoint: str, out: Path, settings: CompressSettings | None = None, *, dataset: str | None = None,
-                 data: str | None = None, limits: Limits | None = None) -> dict:
+                 data: str | None = None, limits: Limits | None = None, **flags) -> dict:
     """Compress a checkpoint on its data set: evaluate, prune (and fine-tune) to the goal, save, export, plot.
 
     Writes ``model.pt``, ``model.onnx``, ``report.json``, ``widths.png`` and ``steps.png`` into ``out``
     (rank 0 only under torchrun). Returns ``{"report", "model", "original", "input_shape"}``.
+    ``flags``: the settings as keywords (``target_flops=0.4``), the 0.1 form (deprecated; pass ``settings``).
     """
     import oba_fx
 
     from .train import evaluate
 
     s = settings or CompressSettings()
+    if flags:
+        s = _legacy_settings(s, flags)
     s.check()
     model, info = load_model(checkpoint)
     dataset = dataset or info.get("dataset")
@@ -312,6 +315,21 @@ def run_compress(checkpoint: str, out: Path, settings: CompressSettings | None =
         return {"report": None, "model": res.model, "original": model, "input_shape": shape}
     report = _write_compressed(res, s, checkpoint, out, info, spec, shape, example, before, records)
     return {"report": report, "model": res.model, "original": model, "input_shape": shape}
+
+
+def _legacy_settings(s: CompressSettings, flags: dict) -> CompressSettings:
+    """``run_compress(..., target_flops=..., args=...)`` as in 0.1: the keywords become settings."""
+    import dataclasses
+
+    flags = dict(flags)
+    flags.pop("args", None)  # 0.1 passed the argparse namespace for --limit-train/--limit-test
+    names = {f.name for f in dataclasses.fields(CompressSettings)}
+    unknown = sorted(set(flags) - names)
+    if unknown:
+        raise TypeError(f"run_compress() got unexpected keyword arguments {unknown}")
+    warnings.warn("run_compress(checkpoint, out, target_flops=..., ...) is deprecated; pass "
+                  "settings=CompressSettings(...) (the keyword form goes in 0.3)", DeprecationWarning, stacklevel=3)
+    return dataclasses.replace(s, **flags)
 
 
 def _after_step(s: CompressSettings, spec, test, example, records: list, teacher, process_group):

@@ -353,3 +353,38 @@ def test_torchrun_compress_matches_single_process(trained, fmnist_dir, tmp_path)
     assert (dist_rep["compress"]["step_reports"][0]["removed_channels"]
             == single_rep["compress"]["step_reports"][0]["removed_channels"])
     assert (tmp_path / "dist" / "model.onnx").exists()
+
+
+def test_only_usage_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    """A caller's mistake (UsageError, a ValueError) prints one line and exits 2; a plain ValueError from
+    inside the library is a bug: it propagates with its traceback instead of posing as a user error."""
+    import oba_fx.cli as cli
+
+    def usage(*a, **k):
+        raise oba_fx.UsageError("--epochs must be >= 1, got 0")
+
+    monkeypatch.setattr(cli, "run_train", usage)
+    argv = ["train", "--model", "resnet20", "--epochs", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "oba-fx: error: --epochs must be >= 1, got 0"
+
+    def bug(*a, **k):
+        raise ValueError("too many values to unpack (expected 2)")
+
+    monkeypatch.setattr(cli, "run_train", bug)
+    with pytest.raises(ValueError, match="too many values"):
+        main(argv)
+    assert issubclass(oba_fx.CalibrationError, oba_fx.UsageError) and issubclass(oba_fx.UsageError, ValueError)
+    assert issubclass(oba_fx.CheckpointError, oba_fx.UsageError)
+
+
+def test_run_compress_keyword_form_still_works_with_a_deprecation_warning(tmp_path):
+    """0.1's run_compress(checkpoint, out, target_flops=..., ...) maps onto CompressSettings (deprecated)."""
+    from oba_fx.workflows import CompressSettings, run_compress
+
+    with pytest.warns(DeprecationWarning, match="settings=CompressSettings"):
+        with pytest.raises(oba_fx.UsageError, match="does not exist"):
+            run_compress(str(tmp_path / "missing.pt"), tmp_path / "out", target_flops=0.4, steps=2, args=None)
+    with pytest.raises(TypeError, match="target_flop"):
+        run_compress(str(tmp_path / "missing.pt"), tmp_path / "out", target_flop=0.4)
+    assert CompressSettings(target_flops=0.4).goal() == "40% FLOPs"
