@@ -1,11 +1,11 @@
 """The rewrite gives back the in-place residual adds that fx tracing drops, only where nothing can change."""
 from __future__ import annotations
 
-import pytest
 import copy
 import operator
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision

@@ -1,13 +1,12 @@
 """The package layout: what is installed, and files saved by older releases still load."""
 from __future__ import annotations
 
-import pytest
 import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
+import pytest
 
 DATA = Path(__file__).parent / "data"
 
@@ -205,3 +204,19 @@ def test_torch_is_never_monkeypatched():
                 if isinstance(first, ast.Name) and first.id in torchy:
                     bad.append(f"{name}:{node.lineno} {ast.unparse(node)}")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_passes_under_oba_fx_only(tmp_path):
+    """A regular (non-editable) install: the wheel carries ``oba_fx/passes/...`` (through the link) and no
+    top-level ``passes``."""
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"oba_fx", "models_zoo"}
+    for module in ("passes/trace.py", "passes/coupling/core.py", "passes/calibration.py", "passes/meta.py"):
+        assert f"oba_fx/{module}" in names
