@@ -37,21 +37,30 @@ SCORED = ["oba", "oba-network", "oba-gn", "oba-k3", "group-exact", "magnitude", 
 
 
 def _zoo(name, **kw):
-    import models_zoo
+    def build():
+        import models_zoo
 
-    return lambda: (models_zoo.create(name, in_channels=1, num_classes=10, **kw), (1, 28, 28))
+        return models_zoo.create(name, in_channels=1, num_classes=10, **kw), (1, 28, 28)
+
+    return build
 
 
 def _tv(name, size=32):
-    import torchvision.models as tvm
+    def build():
+        import torchvision.models as tvm
 
-    return lambda: (getattr(tvm, name)(num_classes=10), (3, size, size))
+        return getattr(tvm, name)(num_classes=10), (3, size, size)
+
+    return build
 
 
 def _timm(name, size=32, **kw):
-    import timm
+    def build():  # timm comes with the bench extra; imported only when a timm model is recorded
+        import timm
 
-    return lambda: (timm.create_model(name, pretrained=False, num_classes=10, **kw), (3, size, size))
+        return timm.create_model(name, pretrained=False, num_classes=10, **kw), (3, size, size)
+
+    return build
 
 
 MODELS = {
