@@ -112,6 +112,15 @@ class RuleContext:
         for a, b in zip(a_slots, b_slots):
             self.c.equal(a, b)
 
+    def pass_through(self, x_slots, y_slots, frozen, why: str) -> None:
+        """Dims in ``frozen`` freeze on both sides (``why``); every other dim of x passes to the same dim of y."""
+        for k in range(len(x_slots)):
+            if k in frozen:
+                self.c.freeze(x_slots[k], why)
+                self.c.freeze(y_slots[k], why)
+            else:
+                self.c.equal(x_slots[k], y_slots[k])
+
     def broadcast(self, out_slots, inputs):
         """Right-aligned broadcasting: equal sizes couple, size-1 dims broadcast."""
         for inp in inputs:

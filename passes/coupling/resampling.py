@@ -63,9 +63,4 @@ def pad_rule(r: RuleContext, node):
     x, y = r.value(node.args[0]), r.value(node)
     pad = node_arg(node, 1, "pad")
     padded = {len(x) - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
-    for k in range(len(x)):
-        if k in padded:
-            r.c.freeze(x[k], f"padded at node '{node.name}'")
-            r.c.freeze(y[k], f"padded at node '{node.name}'")
-        else:
-            r.c.equal(x[k], y[k])
+    r.pass_through(x, y, padded, f"padded at node '{node.name}'")

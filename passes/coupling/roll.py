@@ -1,7 +1,7 @@
 """The coupling rule for ``torch.roll`` / ``Tensor.roll``, written the way a user writes a rule.
 
 It uses only the public extension API -- the ``COUPLING_RULES.register``
-decorator, ``RuleContext.value``, and the coupling facts ``r.c.equal`` /
+decorator, ``RuleContext.value`` / ``pass_through``, and the coupling facts ``r.c.equal`` /
 ``r.c.freeze`` -- so it doubles as the worked example for extending the analysis
 (see ``passes/coupling/__init__.py`` and ``tests/test_extension_rules.py``).
 Outside the package the import reads ``from oba_fx.passes.coupling import COUPLING_RULES, RuleContext``
@@ -24,9 +24,4 @@ def roll_rule(r: RuleContext, node):
         rolled = set(range(len(x)))  # flattened roll
     else:
         rolled = {d % len(x) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-    for k in range(len(x)):
-        if k in rolled:
-            r.c.freeze(x[k], f"rolled at node '{node.name}'")
-            r.c.freeze(y[k], f"rolled at node '{node.name}'")
-        else:
-            r.c.equal(x[k], y[k])
+    r.pass_through(x, y, rolled, f"rolled at node '{node.name}'")
