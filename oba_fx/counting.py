@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .passes.trace import as_args
 from .passes.errors import UsageError
+from .passes.modes import kept_modes
 
 __all__ = ["count", "forward_cost", "Cost", "example_args", "COUNTERS"]
 
@@ -165,21 +166,17 @@ def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
 @contextlib.contextmanager
 def _counting_mode(model: nn.Module):
     """Eval mode, no_grad, no MHA fast path, math SDPA; every module's flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
     rnn_caches = [(m, list(m._flat_weights), list(m._flat_weight_refs)) for m in model.modules()
                   if isinstance(m, nn.RNNBase) and hasattr(m, "_flat_weight_refs")]
     fast = torch.backends.mha.get_fastpath_enabled()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with kept_modes(model, training=False), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
-        for m, training in flags:
-            m.training = training
         # functional_call makes an RNN re-point its cached weight list at the stand-ins
         for m, flat, refs in rnn_caches:
             m._flat_weights, m._flat_weight_refs = flat, refs

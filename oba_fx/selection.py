@@ -254,6 +254,7 @@ class Selector:
         self.unreachable, self.lm, self.groups = unreachable, latency_model, groups
         self.evaluations = 0
         self.moved: dict[Any, list] = {}
+        self.costs: dict[Any, int] = {}  # counted cost per removal: the rounding check re-asks for the landed one
         self.rounding_relaxed: list[dict] = []
 
     def ranked(self, values: dict[int, torch.Tensor]) -> list:
@@ -264,7 +265,10 @@ class Selector:
         return removal_from_order(units, self.caps, self.sizes, self.multiples)
 
     def counted_cost(self, removal) -> int:
-        return candidate_cost(self.counted, self.graph.coupling, removal, self.measure, self.method)
+        key = removal_units(removal)
+        if key not in self.costs:
+            self.costs[key] = candidate_cost(self.counted, self.graph.coupling, removal, self.measure, self.method)
+        return self.costs[key]
 
     def cost_of(self, units) -> float:
         if self.lm is not None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .calibration import CalibrationError, batches as calibration_batches
+from .modes import kept_modes
 
 __all__ = ["reestimate_batchnorm", "batchnorm_layers"]
 
@@ -79,22 +80,21 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
     layers = batchnorm_layers(model)
     if not layers:
         return {"layers": 0, "batches": 0, "samples": 0}
-    modes = [(m, m.training) for m in model.modules()]
     saved = [(m, m.momentum) for _, m in layers]
     stats = [(m, m.running_mean.clone(), m.running_var.clone(),
               None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for _, m in layers]
     device = next((t.device for t in layers[0][1].buffers()), torch.device("cpu"))
     used = samples = 0
     try:
-        model.eval()
         for _, m in layers:
             m.reset_running_stats()
             m.momentum = None  # cumulative average of the batch statistics
-            m.train()
         loop = calibration_batches(batches, device, shard=False, max_batches=max_batches, bare_inputs=True,
                                    move_targets=False, size=_samples, progress=progress,
                                    desc="re-estimating BatchNorm statistics")
-        with torch.no_grad(), _sync_bn_as_bn(layers):
+        with kept_modes(model, training=False), torch.no_grad(), _sync_bn_as_bn(layers):
+            for _, m in layers:
+                m.train()
             for batch in loop:
                 try:
                     model(*batch.inputs)
@@ -121,6 +121,4 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int |
     finally:
         for m, mom in saved:
             m.momentum = mom
-        for m, training in modes:
-            m.training = training
     return {"layers": len(layers), "batches": used, "samples": samples}
