@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -319,17 +319,15 @@ def run_compress(checkpoint: str, out: Path, settings: CompressSettings | None =
 
 def _legacy_settings(s: CompressSettings, flags: dict) -> CompressSettings:
     """``run_compress(..., target_flops=..., args=...)`` as in 0.1: the keywords become settings."""
-    import dataclasses
-
     flags = dict(flags)
     flags.pop("args", None)  # 0.1 passed the argparse namespace for --limit-train/--limit-test
-    names = {f.name for f in dataclasses.fields(CompressSettings)}
+    names = {f.name for f in fields(CompressSettings)}
     unknown = sorted(set(flags) - names)
     if unknown:
         raise TypeError(f"run_compress() got unexpected keyword arguments {unknown}")
     warnings.warn("run_compress(checkpoint, out, target_flops=..., ...) is deprecated; pass "
                   "settings=CompressSettings(...) (the keyword form goes in 0.3)", DeprecationWarning, stacklevel=3)
-    return dataclasses.replace(s, **flags)
+    return replace(s, **flags)
 
 
 def _after_step(s: CompressSettings, spec, test, example, records: list, teacher, process_group):
